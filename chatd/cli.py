@@ -1,0 +1,62 @@
+"""The `chatd` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from chatd import __version__, config
+from chatd.server import Server, StartupError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chatd",
+        description="LAN group-chat daemon: what one client sends, every other client gets.",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        help=f"YAML config file (default: {config.DEFAULT_PATH}; "
+        "built-in defaults when that file does not exist)",
+    )
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config, print the result and exit (0 valid, 2 invalid)",
+    )
+    p.add_argument("--version", action="version", version=f"chatd {__version__}")
+    return p
+
+
+def load_config(path: str | None) -> tuple[config.Config, str | None]:
+    """Return the config and the path it came from (None for the built-in defaults)."""
+    if path is not None:
+        return config.load(path), path
+    if config.DEFAULT_PATH.exists():
+        return config.load(config.DEFAULT_PATH), str(config.DEFAULT_PATH)
+    return config.defaults(), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg, path = load_config(args.config)
+    except config.ConfigError as e:
+        print(f"chatd: error: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"chatd: {path or 'built-in defaults'}: configuration is valid")
+        return 0
+    server = Server(cfg, path)
+    try:
+        server.open()
+    except StartupError as e:
+        print(f"chatd: error: {e}", file=sys.stderr)
+        server.close()
+        return 1
+    try:
+        return server.run()
+    finally:
+        server.close()

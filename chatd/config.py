@@ -1,0 +1,326 @@
+"""Configuration: YAML in, a frozen, validated `Config` out.
+
+Every setting is declared once, below, as a dataclass field carrying its
+default, its check and whether a reload can change it.  `load()` walks the
+YAML against those declarations, so an unknown key, a wrong type or an
+out-of-range value is reported as ``FILE: KEY: WHAT`` before anything uses
+the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatd.protocol import max_length
+
+DEFAULT_PATH = Path("/etc/chatd/chatd.yaml")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used.  str() is the one-line message."""
+
+    def __init__(self, source: str, key: str, what: str) -> None:
+        super().__init__(f"{source}: {key}: {what}" if key else f"{source}: {what}")
+        self.source = source
+        self.key = key
+        self.what = what
+
+
+Check = Callable[[Any], Any]  # returns the (normalised) value or raises ValueError
+
+
+def setting(default: Any, check: Check, doc: str, *, reload: bool = True) -> Any:
+    """Declare a setting: its default, its check, its doc and whether reload applies it."""
+    meta = {"check": check, "doc": doc, "reload": reload}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    """Declare a nested section of settings."""
+    return field(default_factory=cls, metadata={"doc": doc, "section": cls})
+
+
+# Checks.  Each takes the YAML value and returns the value to use, or raises
+# ValueError with "expected ..., got ..." so the error names what is wanted.
+
+
+def _got(value: Any) -> str:
+    return f"got {value!r}"
+
+
+def integer(lo: int, hi: int) -> Check:
+    def check(value: Any) -> int:
+        # YAML booleans are ints to Python: `port: yes` must not become 1.
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"expected an integer {lo}-{hi}, {_got(value)}")
+        return value
+
+    return check
+
+
+def seconds(lo: float, hi: float, *, zero_is_off: bool = False) -> Check:
+    def check(value: Any) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and zero_is_off and value == 0:
+            return 0.0
+        if not ok or not math.isfinite(value) or not lo <= value <= hi:
+            off = " (0 for off)" if zero_is_off else ""
+            raise ValueError(f"expected seconds from {lo:g} to {hi:g}{off}, {_got(value)}")
+        return float(value)
+
+    return check
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, {_got(value)}")
+    return value
+
+
+def choice(*options: str) -> Check:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, {_got(value)}")
+        return str(value)
+
+    return check
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, {_got(value)}")
+    return value
+
+
+def addresses(value: Any) -> tuple[Address, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list of HOST:PORT addresses, {_got(value)}")
+    parsed = []
+    for i, item in enumerate(value):
+        try:
+            parsed.append(Address.parse(item))
+        except ValueError as e:
+            raise ValueError(f"[{i}]: {e}") from None
+    return tuple(parsed)
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, item: Any) -> Address:
+        """Take "HOST:PORT", "[V6]:PORT" or {host: HOST, port: PORT}."""
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"host", "port"}
+            if unknown or "port" not in item:
+                raise ValueError(f"expected keys host and port, {_got(dict(item))}")
+            host, port = item.get("host", "0.0.0.0"), item["port"]
+        elif isinstance(item, str):
+            host, sep, port_text = item.rpartition(":")
+            if not sep or not port_text.isdigit():
+                raise ValueError(f"expected HOST:PORT, {_got(item)}")
+            host, port = host.removeprefix("[").removesuffix("]"), int(port_text)
+        else:
+            raise ValueError(f"expected HOST:PORT, {_got(item)}")
+        host = text(host) or "0.0.0.0"
+        port = integer(0, 65535)(port)
+        if not _is_host(host):
+            raise ValueError(f"expected an IP address or host name, {_got(host)}")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        labels = host.rstrip(".").split(".")
+        return all(lbl and len(lbl) < 64 and lbl.replace("-", "").isalnum() for lbl in labels)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = setting(
+        "auto",
+        choice("auto", "json", "console"),
+        "json: one JSON object per line; console: readable; auto: console on a terminal, else json",
+    )
+    level: str = setting(
+        "info",
+        choice("debug", "info", "warning", "error"),
+        "the least severe event written",
+    )
+    messages: bool = setting(
+        True, boolean, "whether message events include the text (false keeps only the size)"
+    )
+
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[Address, ...] = setting(
+        ["127.0.0.1:1234"],
+        addresses,
+        'addresses to listen on, "HOST:PORT" or "[IPV6]:PORT"; port 0 picks a free one',
+        reload=False,
+    )
+    header_length: int = setting(
+        10, integer(1, 20), "bytes in a frame header (10 in the classic protocol)", reload=False
+    )
+    max_message_bytes: int = setting(
+        4096, integer(1, 16 * MiB), "largest message payload accepted, in bytes"
+    )
+    max_name_bytes: int = setting(32, integer(1, 1024), "longest user name accepted, in bytes")
+    handshake_timeout: float = setting(
+        10.0, seconds(0.1, 3600), "seconds a new connection has to send its name"
+    )
+    max_queue_bytes: int = setting(
+        MiB,
+        integer(4096, 1024 * MiB),
+        "bytes queued for one client before it is dropped as a slow consumer",
+    )
+    max_clients: int = setting(10000, integer(1, 1_000_000), "connections served at once")
+    shutdown_grace: float = setting(
+        2.0, seconds(0, 60), "seconds to flush queued messages at shutdown"
+    )
+    log: LogConfig = section(LogConfig, "logging")  # noqa: RUF009
+
+    def diff(self, new: Config) -> tuple[list[str], list[str]]:
+        """Return the keys that differ, split into (applied by reload, needing restart)."""
+        applied: list[str] = []
+        restart: list[str] = []
+        for key, old_value, new_value, reloadable in _walk_pairs(self, new, ""):
+            if old_value != new_value:
+                (applied if reloadable else restart).append(key)
+        return applied, restart
+
+    def merged_for_reload(self, new: Config) -> Config:
+        """``new`` with every setting that needs a restart kept at its current value."""
+        merged: Config = _merge(self, new)
+        return merged
+
+
+def _walk_pairs(old: Any, new: Any, prefix: str) -> Any:
+    for f in dataclasses.fields(old):
+        key = prefix + f.name
+        if "section" in f.metadata:
+            yield from _walk_pairs(getattr(old, f.name), getattr(new, f.name), key + ".")
+        else:
+            yield key, getattr(old, f.name), getattr(new, f.name), f.metadata["reload"]
+
+
+def _merge(old: Any, new: Any) -> Any:
+    changes = {}
+    for f in dataclasses.fields(old):
+        if "section" in f.metadata:
+            changes[f.name] = _merge(getattr(old, f.name), getattr(new, f.name))
+        elif not f.metadata["reload"]:
+            changes[f.name] = getattr(old, f.name)
+    return dataclasses.replace(new, **changes)
+
+
+def defaults() -> Config:
+    return build({}, "<defaults>")
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the YAML file at ``path``."""
+    source = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(source, "", "no such file") from None
+    except PermissionError:
+        raise ConfigError(source, "", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "", "is a directory, expected a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(source, "", f"{where}invalid YAML: {problem}") from None
+    return build({} if raw is None else raw, source)
+
+
+def build(raw: Any, source: str) -> Config:
+    """Validate a parsed YAML document against the declarations."""
+    config: Config = _build(Config, raw, source, "")
+    check(config, source)
+    return config
+
+
+def check(config: Config, source: str) -> None:
+    """Checks that span settings; raises ConfigError."""
+    hl_max = max_length(config.header_length)
+    for key in ("max_message_bytes", "max_name_bytes"):
+        if getattr(config, key) > hl_max:
+            raise ConfigError(
+                source,
+                key,
+                f"{getattr(config, key)} does not fit a {config.header_length}-byte header "
+                f"(at most {hl_max})",
+            )
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            source, prefix.rstrip("."), f"expected a mapping of settings, {_got(raw)}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(source, f"{prefix}{key}", f"unknown setting (known here: {known})")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        if "section" in f.metadata:
+            values[name] = _build(f.metadata["section"], raw[name] or {}, source, key + ".")
+            continue
+        try:
+            values[name] = f.metadata["check"](raw[name])
+        except ValueError as e:
+            raise ConfigError(source, key, str(e)) from None
+    obj = cls(**values)
+    # Defaults go through the same checks, so they take the same shape (a tuple of Address).
+    for name, f in fields.items():
+        if name not in raw and "check" in f.metadata:
+            object.__setattr__(obj, name, f.metadata["check"](getattr(obj, name)))
+    return obj
+
+
+def documented_keys(cls: type = Config, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every setting's dotted key with its default, doc and reload flag."""
+    keys: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(cls):
+        if "section" in f.metadata:
+            keys.update(documented_keys(f.metadata["section"], f"{prefix}{f.name}."))
+        else:
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
+            keys[prefix + f.name] = {"default": default, **f.metadata}
+    return keys

@@ -1,0 +1,168 @@
+"""Membership and fan-out, without I/O.
+
+The room knows its members by name and queues what each must receive.
+Everything posted during one pass of the event loop is collected, and
+`flush()` hands each member all of it in one piece, in the order it was
+posted: members who sent none of it share one bytes object; only a sender
+gets its own copy, without its messages.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from chatd import protocol
+
+NOTICE_SENDER = "chatd"
+"""Sender name of server notices.  No user can take it."""
+
+# Unicode categories a name may not contain: whitespace and separators, and
+# every "other" (control, format such as bidi overrides, unassigned...).
+_BANNED_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn"})
+
+
+class Member(Protocol):
+    """What the room needs of a connection."""
+
+    name: str
+
+    def deliver(self, data: bytes) -> None: ...
+
+
+def name_problem(name: str, max_bytes: int) -> str | None:
+    """Why ``name`` can't be a user name, or None if it can (uniqueness aside)."""
+    if not name:
+        return "the name is empty"
+    size = len(name.encode())
+    if size > max_bytes:
+        return f"the name is {size} bytes long, the limit is {max_bytes}"
+    for ch in name:
+        if ch.isspace() or unicodedata.category(ch) in _BANNED_CATEGORIES:
+            return f"the name contains {unicodedata.name(ch, 'a control character').lower()}"
+    if name.casefold() == NOTICE_SENDER:
+        return f"the name {name!r} is reserved"
+    return None
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` can't be relayed as a message, or None if it can.
+
+    Control characters are refused: a newline would let a sender forge a line
+    that looks like another user's in a simple client, and escape sequences
+    would drive the readers' terminals.  A tab is fine.
+    """
+    for ch in text:
+        if ch != "\t" and unicodedata.category(ch) == "Cc":
+            return "messages may not contain control characters such as newlines or escapes"
+    return None
+
+
+class Room:
+    __slots__ = ("_batch", "_members", "deliveries", "header_length")
+
+    def __init__(self, header_length: int = protocol.DEFAULT_HEADER_LENGTH) -> None:
+        self.header_length = header_length
+        self._members: dict[str, Member] = {}  # casefolded name -> member, in join order
+        # Frames posted this pass: (data, excluded sender or None, sole recipient or None).
+        self._batch: list[tuple[bytes, Member | None, Member | None]] = []
+        self.deliveries = 0  # frame pairs handed to members, for the stats
+
+    @property
+    def pending(self) -> bool:
+        """True when something posted waits for flush()."""
+        return bool(self._batch)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(self._members.values())
+
+    def __contains__(self, member: object) -> bool:
+        name = getattr(member, "name", None)
+        return isinstance(name, str) and self._members.get(name.casefold()) is member
+
+    def get(self, name: str) -> Member | None:
+        return self._members.get(name.casefold())
+
+    def names(self) -> list[str]:
+        return [m.name for m in self._members.values()]
+
+    def name_taken(self, name: str) -> bool:
+        return name.casefold() in self._members
+
+    def join(self, member: Member) -> None:
+        key = member.name.casefold()
+        if key in self._members:
+            raise ValueError(f"the name {member.name!r} is taken")
+        # What was posted before the join is not for the newcomer.
+        self.flush()
+        self._members[key] = member
+
+    def leave(self, member: Member) -> bool:
+        """Remove ``member``; True if it was here.  Queued frames for it are dropped."""
+        key = member.name.casefold()
+        if self._members.get(key) is not member:
+            return False
+        del self._members[key]
+        return True
+
+    def frame(self, sender: str, text: str) -> bytes:
+        hl = self.header_length
+        return protocol.encode(sender, hl) + protocol.encode(text, hl)
+
+    def post(self, sender: Member, text: str, *, as_name: str | None = None) -> None:
+        """Queue ``text`` from ``sender`` for every other member."""
+        self._batch.append((self.frame(as_name or sender.name, text), sender, None))
+
+    def notice(self, text: str, *, exclude: Member | None = None) -> None:
+        """Queue a server notice for every member (but ``exclude``)."""
+        self._batch.append((self.frame(NOTICE_SENDER, text), exclude, None))
+
+    def send_to(self, member: Member, sender: str, text: str) -> None:
+        """Queue a frame pair for one member, in order with the broadcasts."""
+        self._batch.append((self.frame(sender, text), None, member))
+
+    def flush(self) -> None:
+        """Deliver everything posted since the last flush, once per member."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        members = list(self._members.values())
+        if len(batch) == 1:
+            data, exclude, only = batch[0]
+            if only is not None:
+                if only in self:
+                    self.deliveries += 1
+                    only.deliver(data)
+                return
+            for m in members:
+                if m is not exclude:
+                    m.deliver(data)
+            self.deliveries += len(members) - (exclude in self)
+            return
+        # Members named in the batch (senders, private recipients) need their own
+        # selection; everyone else gets the shared join of the broadcasts.
+        special = {id(m) for _, ex, only in batch for m in (ex, only) if m is not None}
+        broadcasts = [data for data, _, only in batch if only is None]
+        shared = b"".join(broadcasts)
+        for m in members:
+            if id(m) in special:
+                mine = list(_select(batch, m))
+                if mine:
+                    self.deliveries += len(mine)
+                    m.deliver(b"".join(mine))
+            elif shared:
+                self.deliveries += len(broadcasts)
+                m.deliver(shared)
+
+
+def _select(
+    batch: Iterable[tuple[bytes, Member | None, Member | None]], m: Member
+) -> Iterator[bytes]:
+    for data, exclude, only in batch:
+        if (only is None and exclude is not m) or only is m:
+            yield data

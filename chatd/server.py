@@ -1,0 +1,551 @@
+"""The event loop: one thread, one selector, no blocking calls.
+
+Data flows one way: socket bytes -> decoder -> frames -> room -> per-client
+queues -> sockets.  Each pass of the loop reads what is readable (one recv
+per ready socket, so nobody starves the others), lets the room hand out what
+was posted in one piece per member, runs due timers and only then closes the
+connections that were dropped, so nothing is closed under the feet of code
+iterating over the members.  Signals reach the loop as bytes on a socketpair
+(``signal.set_wakeup_fd``); their handlers do nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import os
+import resource
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatd import __version__, log
+from chatd import config as configmod
+from chatd.config import Address, Config
+from chatd.connection import CLOSED, CLOSING, HANDSHAKE, JOINED, Connection
+from chatd.protocol import FrameTooLarge, ProtocolError
+from chatd.room import NOTICE_SENDER, Room, name_problem, text_problem
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+
+RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
+ACCEPT_BATCH = 128  # connections accepted per listener per pass
+LINGER = 2.0  # seconds a closing connection gets to take its last notice
+BACKLOG = 4096
+
+
+class StartupError(Exception):
+    """The daemon cannot start; str() is the one-line reason."""
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    connections: int = 0
+    peak_users: int = 0
+    messages: int = 0
+    deliveries: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    evictions: int = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class Server:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.sel = selectors.DefaultSelector()
+        self.room = Room(config.header_length)
+        self.conns: dict[int, Connection] = {}
+        self.listeners: list[socket.socket] = []
+        self.stats = Stats()
+        self.log = log.get()
+        self.max_queue_bytes = config.max_queue_bytes
+        self._log_messages = True
+        self._rbuf = memoryview(bytearray(RECV_SIZE))
+        self._timers: list[tuple[float, int, Callable[..., None], Any]] = []
+        self._timer_seq = itertools.count()
+        self._doomed: list[Connection] = []
+        self._lingering = 0  # connections in CLOSING: they hold a descriptor, not a place
+        self._signals: list[int] = []
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._configure_logging()
+
+    # Start-up.
+
+    def open(self, sockets: list[socket.socket] | None = None) -> None:
+        """Bind the listeners (or adopt ``sockets``) and install the signal wake-up."""
+        nofile = raise_nofile_limit()
+        self.listeners = sockets if sockets is not None else bind_all(self.config.listen)
+        for lsock in self.listeners:
+            lsock.setblocking(False)
+            self.sel.register(lsock, READ, self._acceptor(lsock))
+        self._install_signals()
+        self.log.info(
+            "startup",
+            version=__version__,
+            pid=os.getpid(),
+            config=self.config_path,
+            listen=[sock_address(s) for s in self.listeners],
+            max_clients=self.config.max_clients,
+            nofile=nofile,
+        )
+
+    def _install_signals(self) -> None:
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._wakeup = (r, w)
+        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # The C-level handler writes the signal number to the wake-up fd;
+            # the Python-level one has nothing to do.
+            signal.signal(sig, _ignore_signal)
+        self.sel.register(r, READ, self._on_wakeup)
+
+    def close(self) -> None:
+        """Release everything (after run(), or if it never ran)."""
+        for conn in list(self.conns.values()):
+            conn.state = CLOSED
+            self._doomed.append(conn)
+        self._reap()
+        for lsock in self.listeners:
+            self._unlisten(lsock)
+        self.listeners = []
+        if self._wakeup:
+            signal.set_wakeup_fd(-1)
+            for s in self._wakeup:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(s)
+                s.close()
+            self._wakeup = None
+        self.sel.close()
+
+    # The loop.
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; return the exit status."""
+        select = self.sel.select
+        room = self.room
+        while True:
+            events = select(self._timeout())
+            for key, mask in events:
+                data = key.data
+                try:
+                    if data.__class__ is Connection:
+                        if mask & READ:
+                            self._on_readable(data)
+                        if mask & WRITE and data.state is not CLOSED:
+                            data.flush()
+                            if data.state is CLOSING and not data.out:
+                                self._half_close(data)
+                    else:
+                        data()
+                except Exception:
+                    self._internal_error(data)
+            room.flush()
+            if self._timers:
+                self._run_timers()
+            if self._doomed:
+                self._reap()
+            if self._stopping and (not self.conns or time.monotonic() >= self._stop_deadline):
+                break
+        self._log_shutdown()
+        return 0
+
+    def _timeout(self) -> float | None:
+        if self.room.pending or self._doomed:
+            return 0
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _internal_error(self, data: Any) -> None:
+        # A bug must cost one connection, never the daemon.
+        self.log.exception("internal_error", connection=repr(data))
+        if isinstance(data, Connection):
+            self.drop(data, "internal error")
+
+    # Timers.
+
+    def call_at(self, when: float, fn: Callable[..., None], arg: Any = None) -> None:
+        heapq.heappush(self._timers, (when, next(self._timer_seq), fn, arg))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, fn, arg = heapq.heappop(timers)
+            try:
+                fn(arg)
+            except Exception:
+                self._internal_error(arg)
+
+    # Accepting.
+
+    def _acceptor(self, lsock: socket.socket) -> Callable[[], None]:
+        return lambda: self._accept(lsock)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        cfg = self.config
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: stop accepting for a moment rather than spin.
+                    self.log.warning("accept_paused", error=e.strerror, connections=len(self.conns))
+                    self.sel.unregister(lsock)
+                    self.call_at(time.monotonic() + 0.1, self._resume_accept, lsock)
+                return
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, sock, peer)
+            self.conns[conn.fd] = conn
+            self.sel.register(sock, READ, conn)
+            self.stats.connections += 1
+            if len(self.conns) - self._lingering > cfg.max_clients:
+                self.reject(conn, "server full", "the server is full, try again later")
+                continue
+            self.call_at(time.monotonic() + cfg.handshake_timeout, self._handshake_expired, conn)
+
+    def _resume_accept(self, lsock: socket.socket) -> None:
+        if lsock in self.listeners:
+            self.sel.register(lsock, READ, self._acceptor(lsock))
+
+    # Reading.
+
+    def _on_readable(self, conn: Connection) -> None:
+        if conn.state is CLOSED:
+            return
+        if conn.state is CLOSING:
+            self._drain(conn)
+            return
+        try:
+            n = conn.read(self._rbuf)
+        except OSError as e:
+            self.drop(conn, "closed", error=e.strerror)
+            return
+        if n <= 0:
+            if n == 0:
+                self.drop(conn, "quit" if conn.decoder.idle else "closed")
+            return
+        conn.last_active = time.monotonic()
+        next_frame = conn.decoder.next_frame
+        try:
+            while conn.state is HANDSHAKE:
+                name = next_frame()
+                if name is None:
+                    return
+                self._on_name(conn, name)
+            while conn.state is JOINED:
+                text = next_frame()
+                if text is None:
+                    return
+                self._on_message(conn, text)
+        except ProtocolError as e:
+            self._protocol_error(conn, e)
+
+    def _drain(self, conn: Connection) -> None:
+        """Read and discard from a closing connection; close at its end of stream."""
+        try:
+            n = conn.sock.recv_into(self._rbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._close_now(conn)
+
+    def _protocol_error(self, conn: Connection, error: ProtocolError) -> None:
+        if conn.state is HANDSHAKE:
+            if isinstance(error, FrameTooLarge):
+                what = f"the name is too long (at most {self.config.max_name_bytes} bytes)"
+            else:
+                what = str(error)
+            self.reject(conn, "bad name", f"name rejected: {what}")
+        else:
+            self.drop(conn, "protocol error", notice=f"protocol error: {error}", error=str(error))
+
+    # Handshake.
+
+    def _on_name(self, conn: Connection, name: str) -> None:
+        cfg = self.config
+        problem = name_problem(name, cfg.max_name_bytes)
+        if problem:
+            self.reject(conn, "bad name", f"name rejected: {problem}", name=name)
+            return
+        if self.room.name_taken(name):
+            self.reject(conn, "name taken", f"name rejected: {name!r} is already taken", name=name)
+            return
+        conn.name = name
+        conn.state = JOINED
+        conn.decoder.max_payload = cfg.max_message_bytes
+        conn.rebind_log()
+        room = self.room
+        room.join(conn)
+        self.stats.peak_users = max(self.stats.peak_users, len(room))
+        conn.log.info("join")
+        others = [n for n in room.names() if n != name]
+        who = f"online: {', '.join(others)}" if others else "nobody else is online"
+        room.send_to(conn, NOTICE_SENDER, f"welcome, {name}; {who}")
+        room.notice(f"{name} joined", exclude=conn)
+
+    def _handshake_expired(self, conn: Connection) -> None:
+        if conn.state is HANDSHAKE:
+            self.reject(
+                conn,
+                "handshake timeout",
+                f"timed out: no name within {self.config.handshake_timeout:g} seconds",
+            )
+
+    # Messages.
+
+    def _on_message(self, conn: Connection, text: str) -> None:
+        if not text:
+            return
+        problem = text_problem(text)
+        if problem:
+            conn.log.info("message_refused", reason=problem)
+            self.room.send_to(conn, NOTICE_SENDER, f"message not sent: {problem}")
+            return
+        conn.messages += 1
+        self.stats.messages += 1
+        self.room.post(conn, text)
+        if self._log_messages:
+            if self.config.log.messages:
+                conn.log.info("message", bytes=len(text.encode()), text=text)
+            else:
+                conn.log.info("message", bytes=len(text.encode()))
+
+    # Leaving.
+
+    def reject(self, conn: Connection, reason: str, notice: str, **fields: Any) -> None:
+        """Refuse a connection before it joined: tell it why, then close."""
+        self.stats.reject(reason)
+        conn.log.info("rejected", reason=reason, **fields)
+        self._close_with_notice(conn, notice)
+
+    def slow_consumer(self, conn: Connection) -> None:
+        self.stats.evictions += 1
+        self.drop(conn, "slow consumer", queued=conn.out_bytes)
+
+    def drop(
+        self, conn: Connection, reason: str, *, notice: str | None = None, **fields: Any
+    ) -> None:
+        """Take ``conn`` out of the room for ``reason``, log it, and close it.
+
+        With ``notice``, the connection is told why and closed once that is sent.
+        """
+        if conn.state is CLOSED:
+            return
+        if conn.state is CLOSING:
+            self._close_now(conn)
+            return
+        if conn.state is JOINED:
+            self.room.leave(conn)
+            level = "warning" if reason in ("slow consumer", "internal error") else "info"
+            getattr(conn.log, level)("leave", reason=reason, **fields)
+            if not self._stopping:
+                self.room.notice(f"{conn.name} left ({reason})")
+        else:
+            conn.log.debug("disconnect", reason=reason, **fields)
+        if notice is None:
+            self._close_now(conn)
+        else:
+            self._close_with_notice(conn, notice)
+
+    def _close_with_notice(self, conn: Connection, notice: str) -> None:
+        conn.state = CLOSING  # from now on, what it sends is read and discarded
+        self._lingering += 1
+        conn.deliver(self.room.frame(NOTICE_SENDER, notice))
+        if conn.state is CLOSING:
+            self.call_at(time.monotonic() + LINGER, self._linger_expired, conn)
+            if not conn.out:
+                self._half_close(conn)
+
+    def _half_close(self, conn: Connection) -> None:
+        # Send FIN after the notice, then read until the peer closes: closing
+        # with unread input would send RST and could destroy the notice.
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close_now(conn)
+
+    def _linger_expired(self, conn: Connection) -> None:
+        if conn.state is CLOSING:
+            self._close_now(conn)
+
+    def _close_now(self, conn: Connection) -> None:
+        if conn.state is CLOSING:
+            self._lingering -= 1
+        if conn.state is not CLOSED:
+            conn.state = CLOSED
+            conn.out.clear()
+            conn.out_bytes = 0
+            self._doomed.append(conn)
+
+    def _reap(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        for conn in doomed:
+            if self.conns.get(conn.fd) is conn:
+                del self.conns[conn.fd]
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(conn.sock)
+                conn.sock.close()
+
+    def update_interest(self, conn: Connection) -> None:
+        if conn.state is not CLOSED:
+            self.sel.modify(conn.sock, READ | WRITE if conn.writing else READ, conn)
+
+    # Signals, shutdown and reload.
+
+    def _on_wakeup(self) -> None:
+        assert self._wakeup is not None
+        try:
+            data = self._wakeup[0].recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGHUP:
+                self.reload_from_signal()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop(signal.Signals(signum).name)
+
+    def stop(self, why: str) -> None:
+        """Stop accepting, tell everyone, and finish within the grace time."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + self.config.shutdown_grace
+        self.log.info(
+            "shutdown_begin", signal=why, users=len(self.room), connections=len(self.conns)
+        )
+        for lsock in self.listeners:
+            self._unlisten(lsock)
+        self.listeners = []
+        for conn in list(self.conns.values()):
+            self.drop(conn, "shutdown", notice="the server is shutting down")
+
+    def _unlisten(self, lsock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(lsock)
+        lsock.close()
+
+    def _log_shutdown(self) -> None:
+        unflushed = sum(1 for c in self.conns.values() if c.out)
+        self.log.info(
+            "shutdown",
+            uptime=round(time.time() - self.stats.started, 3),
+            connections=self.stats.connections,
+            messages=self.stats.messages,
+            peak_users=self.stats.peak_users,
+            unflushed=unflushed,
+        )
+
+    def reload_from_signal(self) -> None:
+        try:
+            self.reload()
+        except configmod.ConfigError as e:
+            self.log.error("reload_failed", error=str(e))
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Re-read the config file; return (keys applied, keys needing a restart).
+
+        An invalid file raises ConfigError and changes nothing.
+        """
+        path = self.config_path
+        new = configmod.load(path) if path else configmod.defaults()
+        applied, restart = self.config.diff(new)
+        merged = self.config.merged_for_reload(new)
+        configmod.check(merged, path or "<defaults>")
+        self.apply(merged)
+        self.log.info("reload", applied=applied, needs_restart=restart)
+        return applied, restart
+
+    def apply(self, cfg: Config) -> None:
+        """Switch to ``cfg``; only settings a reload may change differ from the current."""
+        log_changed = cfg.log != self.config.log
+        self.config = cfg
+        self.max_queue_bytes = cfg.max_queue_bytes
+        if log_changed:
+            self._configure_logging()
+            self.log = log.get()
+        for conn in self.conns.values():
+            if conn.state is JOINED:
+                conn.decoder.max_payload = cfg.max_message_bytes
+            elif conn.state is HANDSHAKE:
+                conn.decoder.max_payload = cfg.max_name_bytes
+            if log_changed:
+                conn.rebind_log()
+
+    def _configure_logging(self) -> None:
+        log.configure(self.config.log)
+        self._log_messages = log.LEVELS[self.config.log.level] <= log.LEVELS["info"]
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    pass
+
+
+def raise_nofile_limit() -> int:
+    """Raise the open-file soft limit to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if want > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    return soft
+
+
+def bind_all(addresses: tuple[Address, ...]) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    try:
+        for addr in addresses:
+            socks.append(bind(addr))
+    except StartupError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def bind(addr: Address) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(
+            addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as e:
+        raise StartupError(f"cannot listen on {addr}: {e.strerror}") from None
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {addr}: {(e.strerror or str(e)).lower()}") from None
+    return sock
+
+
+def sock_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return str(Address(host, port))

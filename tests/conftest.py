@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Daemon
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start chatd with settings over the test defaults; stopped at teardown."""
+    daemons: list[Daemon] = []
+
+    def _start(settings: dict[str, Any] | None = None, **kw: Any) -> Daemon:
+        where = tmp_path / f"d{len(daemons)}"
+        where.mkdir(exist_ok=True)
+        d = Daemon(where, settings, **kw)
+        daemons.append(d)
+        return d
+
+    yield _start
+    for d in daemons:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(start: Callable[..., Daemon]) -> Daemon:
+    return start()

@@ -1,0 +1,233 @@
+"""Test helpers: a real chatd subprocess and a minimal blocking client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as signals
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTICE = "chatd"
+TIMEOUT = 5.0
+
+
+def frame(text: str | bytes, header_length: int = 10) -> bytes:
+    payload = text.encode() if isinstance(text, str) else text
+    return f"{len(payload):<{header_length}}".encode() + payload
+
+
+class Daemon:
+    """chatd running as a subprocess on an ephemeral port, its log collected."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        settings: dict[str, Any] | None = None,
+        *,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        cfg: dict[str, Any] = {"listen": ["127.0.0.1:0"], "log": {"format": "json"}}
+        for key, value in (settings or {}).items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+        self.config = cfg
+        self.config_path = tmp_path / "chatd.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.events: list[dict[str, Any]] = []
+        self.stderr = ""
+        self._cond = threading.Condition()
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chatd", "--config", str(self.config_path), *(args or [])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            cwd=ROOT,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            startup = self.wait_for("startup")
+        except AssertionError:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"chatd did not start: {self.proc.stderr.read()}") from None
+        self.listen = startup["listen"]
+        self.port = int(self.listen[0].rsplit(":", 1)[1])
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "<not json>", "line": line}
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float = TIMEOUT, **fields: Any) -> dict[str, Any]:
+        """Wait for a log event with these fields; return it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for e in self.events:
+                    if e.get("event") == event and all(e.get(k) == v for k, v in fields.items()):
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no {event} event with {fields}; log: {self.events}")
+                self._cond.wait(min(left, 0.1))
+
+    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            return [
+                e
+                for e in self.events
+                if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+            ]
+
+    def client(self, name: str | None = None, **kw: Any) -> Client:
+        c = Client(self.port, **kw)
+        if name is not None:
+            c.join(name)
+        return c
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signals.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self._reader.join(timeout)
+        assert self.proc.stderr
+        self.stderr = self.proc.stderr.read()
+        return rc
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+class Client:
+    """A blocking client speaking the frame protocol, every wait bounded."""
+
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", header_length: int = 10, timeout: float = TIMEOUT
+    ) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.hl = header_length
+        self.timeout = timeout
+        self.buf = b""
+        self.name = ""
+
+    def join(self, name: str) -> list[tuple[str, str]]:
+        """Send the name and read the welcome notice."""
+        self.name = name
+        self.send(name)
+        sender, text = self.recv()
+        assert sender == NOTICE and text.startswith(f"welcome, {name}"), (sender, text)
+        return [(sender, text)]
+
+    def send(self, text: str | bytes) -> None:
+        self.sock.sendall(frame(text, self.hl))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, n: int, deadline: float) -> bool:
+        while len(self.buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"waited for {n} bytes, have {self.buf!r}")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return False
+            self.buf += data
+        return True
+
+    def _frame(self, deadline: float) -> str | None:
+        if not self._fill(self.hl, deadline):
+            return None
+        n = int(self.buf[: self.hl])
+        if not self._fill(self.hl + n, deadline):
+            return None
+        payload, self.buf = self.buf[self.hl : self.hl + n], self.buf[self.hl + n :]
+        return payload.decode()
+
+    def recv(self, timeout: float | None = None) -> tuple[str, str]:
+        """The next (sender, text) pair; AssertionError if the server closed."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        sender = self._frame(deadline)
+        text = self._frame(deadline) if sender is not None else None
+        if sender is None or text is None:
+            raise AssertionError(f"connection closed; unread {self.buf!r}")
+        return sender, text
+
+    def recv_text(self, sender: str, timeout: float | None = None) -> str:
+        """Skip pairs until one from ``sender``; return its text."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            s, text = self.recv(max(0.0, deadline - time.monotonic()))
+            if s == sender:
+                return text
+
+    def expect(self, sender: str, text: str, timeout: float | None = None) -> None:
+        got = self.recv(timeout)
+        assert got == (sender, text), got
+
+    def expect_nothing(self, wait: float = 0.3) -> None:
+        """Assert that nothing arrives within ``wait`` seconds."""
+        try:
+            got = self.recv(wait)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected {got}")
+
+    def expect_closed(self, timeout: float | None = None) -> list[tuple[str, str]]:
+        """Read until the server closes; return what came before."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        got = []
+        while True:
+            sender = self._frame(deadline)
+            if sender is None:
+                return got
+            text = self._frame(deadline)
+            if text is None:
+                return got
+            got.append((sender, text))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        """Close abruptly, with RST."""
+        import struct
+
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()

@@ -1,0 +1,157 @@
+"""Config loading and its errors, and `chatd --check-config`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import ROOT
+
+from chatd import config
+from chatd.config import Address, ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "chatd.yaml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, text))
+    return str(e.value)
+
+
+def test_shipped_config_is_the_defaults() -> None:
+    assert config.load(ROOT / "etc" / "chatd.yaml") == config.defaults()
+
+
+def test_shipped_config_documents_every_key() -> None:
+    text = (ROOT / "etc" / "chatd.yaml").read_text()
+    shipped = yaml.safe_load(text)
+    for key in config.documented_keys():
+        node = shipped
+        for part in key.split("."):
+            assert part in node, f"etc/chatd.yaml lacks {key}"
+            node = node[part]
+
+
+def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, "")) == config.defaults()
+
+
+def test_listen_forms(tmp_path: Path) -> None:
+    cfg = config.load(
+        write(tmp_path, 'listen: ["0.0.0.0:1", "[::1]:2", {host: "::", port: 3}, "localhost:4"]')
+    )
+    assert cfg.listen == (
+        Address("0.0.0.0", 1),
+        Address("::1", 2),
+        Address("::", 3),
+        Address("localhost", 4),
+    )
+    assert str(cfg.listen[1]) == "[::1]:2"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("port: 1", "F: port: unknown setting (known here: listen, "),
+        ("log: {colour: red}", "F: log.colour: unknown setting (known here: format, level"),
+        ("header_length: abc", "F: header_length: expected an integer 1-20, got 'abc'"),
+        ("header_length: true", "F: header_length: expected an integer 1-20, got True"),
+        ("header_length: 0", "F: header_length: expected an integer 1-20, got 0"),
+        ("max_message_bytes: 4096.5", "F: max_message_bytes: expected an integer"),
+        ("handshake_timeout: -1", "F: handshake_timeout: expected seconds from 0.1 to 3600"),
+        ("handshake_timeout: .nan", "F: handshake_timeout: expected seconds"),
+        ("shutdown_grace: yes", "F: shutdown_grace: expected seconds from 0 to 60, got True"),
+        ("log: {format: xml}", "F: log.format: expected one of auto, json, console, got 'xml'"),
+        ("log: {level: loud}", "F: log.level: expected one of debug, info, warning, error"),
+        ("log: {messages: 1}", "F: log.messages: expected true or false, got 1"),
+        ("log: [1]", "F: log: expected a mapping of settings, got [1]"),
+        ("listen: 1234", "F: listen: expected a non-empty list of HOST:PORT addresses"),
+        ("listen: []", "F: listen: expected a non-empty list"),
+        ("listen: ['1.2.3.4']", "F: listen: [0]: expected HOST:PORT, got '1.2.3.4'"),
+        ("listen: ['1.2.3.4:70000']", "F: listen: [0]: expected an integer 0-65535, got 70000"),
+        ("listen: ['bad host!:1']", "F: listen: [0]: expected an IP address or host name"),
+        ("listen: [{port: 1, hots: x}]", "F: listen: [0]: expected keys host and port"),
+        ("[1, 2]", "F: expected a mapping of settings, got [1, 2]"),
+        (
+            "header_length: 3\nmax_message_bytes: 1000",
+            "F: max_message_bytes: 1000 does not fit a 3-byte header (at most 999)",
+        ),
+        ("listen: [\n", "F: line 2: invalid YAML"),
+    ],
+)
+def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, message: str) -> None:
+    got = error_of(tmp_path, text).replace(str(tmp_path / "chatd.yaml"), "F")
+    assert got.startswith(message), got
+    assert "\n" not in got
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope.yaml: no such file$"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.load(tmp_path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"log: {format: \xff}")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(p)
+
+
+def test_diff_and_merge_for_reload() -> None:
+    old = config.defaults()
+    new = config.build(
+        {"listen": ["127.0.0.1:9"], "max_message_bytes": 10, "log": {"level": "debug"}}, "x"
+    )
+    applied, restart = old.diff(new)
+    assert applied == ["max_message_bytes", "log.level"]
+    assert restart == ["listen"]
+    merged = old.merged_for_reload(new)
+    assert merged.listen == old.listen
+    assert merged.max_message_bytes == 10 and merged.log.level == "debug"
+
+
+def run_chatd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatd", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_check_config_valid() -> None:
+    r = run_chatd("--check-config", "--config", str(ROOT / "etc" / "chatd.yaml"))
+    assert r.returncode == 0
+    assert r.stdout.strip().endswith("etc/chatd.yaml: configuration is valid")
+
+
+def test_check_config_invalid_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    p = write(tmp_path, "max_clients: many\n")
+    r = run_chatd("--check-config", "--config", str(p))
+    assert r.returncode == 2
+    assert (
+        r.stderr == f"chatd: error: {p}: max_clients: expected an integer 1-1000000, got 'many'\n"
+    )
+
+
+def test_startup_with_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    r = run_chatd("--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2
+    assert r.stderr == f"chatd: error: {tmp_path / 'missing.yaml'}: no such file\n"
+    assert r.stdout == ""
+
+
+def test_usage_error_is_exit_2() -> None:
+    r = run_chatd("--bogus")
+    assert r.returncode == 2
+    assert "unrecognized arguments: --bogus" in r.stderr

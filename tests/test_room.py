@@ -1,0 +1,129 @@
+"""The room on its own: membership, names and batched fan-out."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatd.protocol import FrameDecoder
+from chatd.room import NOTICE_SENDER, Room, name_problem, text_problem
+
+
+class Member:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.chunks: list[bytes] = []
+
+    def deliver(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        d = FrameDecoder(1 << 20)
+        d.feed(b"".join(self.chunks))
+        frames = d.frames()
+        return list(zip(frames[::2], frames[1::2], strict=True))
+
+
+def test_post_reaches_everyone_but_the_sender_in_one_piece_each() -> None:
+    room = Room()
+    a, b, c = Member("a"), Member("b"), Member("c")
+    for m in (a, b, c):
+        room.join(m)
+    room.post(a, "one")
+    room.post(b, "two")
+    room.post(a, "three")
+    room.flush()
+    assert a.pairs() == [("b", "two")]
+    assert b.pairs() == [("a", "one"), ("a", "three")]
+    assert c.pairs() == [("a", "one"), ("b", "two"), ("a", "three")]
+    assert all(len(m.chunks) == 1 for m in (a, b, c))
+    assert room.deliveries == 1 + 2 + 3
+
+
+def test_non_senders_share_one_bytes_object() -> None:
+    room = Room()
+    members = [Member(f"m{i}") for i in range(5)]
+    for m in members:
+        room.join(m)
+    room.post(members[0], "x")
+    room.post(members[1], "y")
+    room.flush()
+    shared = {id(m.chunks[0]) for m in members[2:]}
+    assert len(shared) == 1
+
+
+def test_send_to_keeps_its_place_among_broadcasts() -> None:
+    room = Room()
+    a, b = Member("a"), Member("b")
+    room.join(a)
+    room.join(b)
+    room.post(a, "before")
+    room.send_to(b, NOTICE_SENDER, "just for b")
+    room.notice("for all")
+    room.flush()
+    assert b.pairs() == [("a", "before"), (NOTICE_SENDER, "just for b"), (NOTICE_SENDER, "for all")]
+    assert a.pairs() == [(NOTICE_SENDER, "for all")]
+
+
+def test_a_newcomer_gets_nothing_posted_before_it_joined() -> None:
+    room = Room()
+    a, b = Member("a"), Member("b")
+    room.join(a)
+    room.notice("early")
+    room.join(b)
+    room.notice("late")
+    room.flush()
+    assert a.pairs() == [(NOTICE_SENDER, "early"), (NOTICE_SENDER, "late")]
+    assert b.pairs() == [(NOTICE_SENDER, "late")]
+
+
+def test_names_are_unique_without_regard_to_case() -> None:
+    room = Room()
+    room.join(Member("Alice"))
+    assert room.name_taken("alice") and room.name_taken("ALICE")
+    with pytest.raises(ValueError, match="taken"):
+        room.join(Member("aLiCe"))
+
+
+def test_leave_drops_what_was_queued_for_the_leaver() -> None:
+    room = Room()
+    a, b = Member("a"), Member("b")
+    room.join(a)
+    room.join(b)
+    room.post(a, "hi")
+    assert room.leave(b)
+    assert not room.leave(b)
+    room.flush()
+    assert b.chunks == []
+    assert room.names() == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "the name is empty"),
+        ("a" * 33, "the name is 33 bytes long, the limit is 32"),
+        ("é" * 17, "the name is 34 bytes long, the limit is 32"),
+        ("al ice", "the name contains space"),
+        ("al\tice", "the name contains"),
+        ("al\u00a0ice", "the name contains no-break space"),
+        ("al\u202eice", "the name contains right-to-left override"),
+        ("al\x1bice", "the name contains"),
+        ("chatd", "the name 'chatd' is reserved"),
+        ("ChatD", "the name 'ChatD' is reserved"),
+    ],
+)
+def test_bad_names(name: str, problem: str) -> None:
+    got = name_problem(name, 32)
+    assert got is not None and got.startswith(problem), got
+
+
+@pytest.mark.parametrize("name", ["alice", "Zoë", "李雷", "a" * 32, "bob_2", "x-y.z", "(o_o)"])
+def test_good_names(name: str) -> None:
+    assert name_problem(name, 32) is None
+
+
+def test_text_problem() -> None:
+    assert text_problem("hello\tworld") is None
+    assert text_problem("ünïcødé ✓") is None
+    assert text_problem("two\nlines") is not None
+    assert text_problem("\x1b[2J") is not None
