@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatd import __version__, log
+from chatd import __version__, commands, log
 from chatd import config as configmod
 from chatd.config import Address, Config
 from chatd.connection import CLOSED, CLOSING, HANDSHAKE, JOINED, Connection
@@ -323,14 +323,21 @@ class Server:
             conn.log.info("message_refused", reason=problem)
             self.room.send_to(conn, NOTICE_SENDER, f"message not sent: {problem}")
             return
+        if text[0] == "/":
+            commands.run(self, conn, text)
+            return
+        self.room.post(conn, text)
+        self.message_accepted(conn, text)
+
+    def message_accepted(self, conn: Connection, text: str, **fields: Any) -> None:
+        """Count and log a message that was relayed (``fields``: kind, to)."""
         conn.messages += 1
         self.stats.messages += 1
-        self.room.post(conn, text)
         if self._log_messages:
             if self.config.log.messages:
-                conn.log.info("message", bytes=len(text.encode()), text=text)
+                conn.log.info("message", bytes=len(text.encode()), text=text, **fields)
             else:
-                conn.log.info("message", bytes=len(text.encode()))
+                conn.log.info("message", bytes=len(text.encode()), **fields)
 
     # Leaving.
 
