@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chatd import __version__, config
+from chatd import __version__, config, systemd
 from chatd.server import Server, StartupError
 
 
@@ -49,9 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"chatd: {path or 'built-in defaults'}: configuration is valid")
         return 0
-    server = Server(cfg, path)
     try:
-        server.open()
+        sockets = systemd.listen_fds()
+    except systemd.ActivationError as e:
+        print(f"chatd: error: {e}", file=sys.stderr)
+        return 1
+    server = Server(cfg, path, systemd.Notifier.from_environ())
+    try:
+        server.open(sockets)
     except StartupError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
         server.close()
@@ -60,3 +65,4 @@ def main(argv: list[str] | None = None) -> int:
         return server.run()
     finally:
         server.close()
+        server.notifier.close()

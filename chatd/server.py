@@ -31,6 +31,7 @@ from chatd.config import Address, Config
 from chatd.connection import CLOSED, CLOSING, HANDSHAKE, JOINED, Connection
 from chatd.protocol import FrameTooLarge, ProtocolError
 from chatd.room import NOTICE_SENDER, Room, name_problem, text_problem
+from chatd.systemd import Notifier, monotonic_usec, watchdog_usec
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
@@ -39,6 +40,7 @@ RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
 ACCEPT_BATCH = 128  # connections accepted per listener per pass
 LINGER = 2.0  # seconds a closing connection gets to take its last notice
 BACKLOG = 4096
+STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one each
 
 
 class StartupError(Exception):
@@ -60,7 +62,9 @@ class Stats:
 
 
 class Server:
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.sel = selectors.DefaultSelector()
@@ -80,6 +84,8 @@ class Server:
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._stopping = False
         self._stop_deadline = 0.0
+        self.notifier = notifier or Notifier(None)
+        self._status_scheduled = False
         self._configure_logging()
 
     # Start-up.
@@ -101,6 +107,19 @@ class Server:
             max_clients=self.config.max_clients,
             nofile=nofile,
         )
+        self._systemd_ready()
+
+    def _systemd_ready(self) -> None:
+        notifier = self.notifier
+        if notifier.error:
+            self.log.warning("sd_notify_unavailable", error=notifier.error)
+        if not notifier.enabled:
+            return
+        notifier.notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
+        interval = watchdog_usec() / 2e6
+        if interval > 0:
+            self.log.info("watchdog", ping_seconds=interval)
+            self.call_at(time.monotonic() + interval, self._watchdog, interval)
 
     def _install_signals(self) -> None:
         r, w = socket.socketpair()
@@ -299,6 +318,7 @@ class Server:
         room = self.room
         room.join(conn)
         self.stats.peak_users = max(self.stats.peak_users, len(room))
+        self.users_changed()
         conn.log.info("join")
         others = [n for n in room.names() if n != name]
         who = f"online: {', '.join(others)}" if others else "nobody else is online"
@@ -365,6 +385,7 @@ class Server:
             return
         if conn.state is JOINED:
             self.room.leave(conn)
+            self.users_changed()
             level = "warning" if reason in ("slow consumer", "internal error") else "info"
             getattr(conn.log, level)("leave", reason=reason, **fields)
             if not self._stopping:
@@ -439,6 +460,7 @@ class Server:
             return
         self._stopping = True
         self._stop_deadline = time.monotonic() + self.config.shutdown_grace
+        self.notifier.notify("STOPPING=1", "STATUS=shutting down")
         self.log.info(
             "shutdown_begin", signal=why, users=len(self.room), connections=len(self.conns)
         )
@@ -473,8 +495,19 @@ class Server:
     def reload(self) -> tuple[list[str], list[str]]:
         """Re-read the config file; return (keys applied, keys needing a restart).
 
-        An invalid file raises ConfigError and changes nothing.
+        An invalid file raises ConfigError and changes nothing.  systemd is
+        told RELOADING=1 before and READY=1 after, whatever the outcome.
         """
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+        try:
+            applied, restart = self._reload()
+        except configmod.ConfigError as e:
+            self.notifier.notify("READY=1", f"STATUS=reload failed, old config kept: {e}")
+            raise
+        self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        return applied, restart
+
+    def _reload(self) -> tuple[list[str], list[str]]:
         path = self.config_path
         new = configmod.load(path) if path else configmod.defaults()
         applied, restart = self.config.diff(new)
@@ -499,6 +532,32 @@ class Server:
                 conn.decoder.max_payload = cfg.max_name_bytes
             if log_changed:
                 conn.rebind_log()
+
+    # systemd.
+
+    def status_line(self) -> str:
+        """One line for STATUS=: users online and connections."""
+        users = len(self.room)
+        return (
+            f"{users} user{'' if users == 1 else 's'} online, "
+            f"{len(self.conns)} connection{'' if len(self.conns) == 1 else 's'}"
+        )
+
+    def users_changed(self) -> None:
+        """Send STATUS= soon: at most once per STATUS_INTERVAL, however busy the room."""
+        if self.notifier.sock is not None and not self._status_scheduled and not self._stopping:
+            self._status_scheduled = True
+            self.call_at(time.monotonic() + STATUS_INTERVAL, self._send_status)
+
+    def _send_status(self, _: Any = None) -> None:
+        self._status_scheduled = False
+        if not self._stopping:
+            self.notifier.notify(f"STATUS={self.status_line()}")
+
+    def _watchdog(self, interval: float) -> None:
+        # A timer of the loop: when the loop is stuck, the pings stop and systemd acts.
+        self.notifier.notify("WATCHDOG=1")
+        self.call_at(time.monotonic() + interval, self._watchdog, interval)
 
     def _configure_logging(self) -> None:
         log.configure(self.config.log)

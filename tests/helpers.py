@@ -35,7 +35,11 @@ class Daemon:
         *,
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        wait: bool = True,
     ) -> None:
+        """``prefix`` runs chatd under another program (systemd-socket-activate);
+        with ``wait=False`` call ``wait_started()`` before using the daemon."""
         cfg: dict[str, Any] = {"listen": ["127.0.0.1:0"], "log": {"format": "json"}}
         for key, value in (settings or {}).items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -50,7 +54,15 @@ class Daemon:
         self._cond = threading.Condition()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatd", "--config", str(self.config_path), *(args or [])],
+            [
+                *(prefix or []),
+                sys.executable,
+                "-m",
+                "chatd",
+                "--config",
+                str(self.config_path),
+                *(args or []),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -59,11 +71,19 @@ class Daemon:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self.listen: list[str] = []
+        self.port = 0
+        if wait:
+            self.wait_started()
+
+    def wait_started(self, timeout: float = TIMEOUT) -> None:
+        """Wait for the startup event; take the port from it."""
         try:
-            startup = self.wait_for("startup")
+            startup = self.wait_for("startup", timeout)
         except AssertionError:
             self.proc.kill()
             self.proc.wait()
+            assert self.proc.stderr
             raise AssertionError(f"chatd did not start: {self.proc.stderr.read()}") from None
         self.listen = startup["listen"]
         self.port = int(self.listen[0].rsplit(":", 1)[1])
