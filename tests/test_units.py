@@ -1,0 +1,93 @@
+"""The systemd unit files: systemd-analyze verifies them and rates their exposure."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+UNITS = ROOT / "systemd"
+MAX_EXPOSURE = 2.0
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (package systemd)",
+)
+
+
+def directives(unit: Path) -> dict[str, list[str]]:
+    """Every ``Key=value`` of a unit file, values in order of appearance."""
+    found: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def installed_units(tmp_path: Path) -> tuple[Path, Path]:
+    """The units as `make install` writes them, @BINDIR@ pointing at this chatd."""
+    bindir = Path(sys.executable).parent
+    assert (bindir / "chatd").exists(), "chatd is not installed in the test's environment"
+    out = []
+    for name in ("chatd.service", "chatd.socket"):
+        text = (UNITS / name).read_text().replace("@BINDIR@", str(bindir))
+        (tmp_path / name).write_text(text)
+        out.append(tmp_path / name)
+    return out[0], out[1]
+
+
+@needs_analyze
+def test_units_verify_clean(tmp_path: Path) -> None:
+    service, socket_unit = installed_units(tmp_path)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(service), str(socket_unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == r.stderr == "", r
+
+
+@needs_analyze
+def test_service_exposure_is_at_most_two(tmp_path: Path) -> None:
+    service, _ = installed_units(tmp_path)
+    r = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(service)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "--offline" in r.stderr and "unrecognized" in r.stderr:
+        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+    m = re.search(r"Overall exposure level for chatd\.service: (\d+\.\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE, r.stdout
+
+
+def test_service_declares_what_chatd_relies_on() -> None:
+    d = directives(UNITS / "chatd.service")
+    assert d["Type"] == ["notify"]
+    assert d["ExecStart"] == ["@BINDIR@/chatd --config /etc/chatd/chatd.yaml"]
+    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert d["DynamicUser"] == ["yes"]
+    assert d["RuntimeDirectory"] == ["chatd"]  # the control socket's directory
+    assert d["StateDirectory"] == ["chatd"]
+    assert int(d["LimitNOFILE"][0]) > 10_000
+    assert d["Restart"] == ["on-failure"]
+    assert d["CapabilityBoundingSet"] == [""]
+    assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    # ~@resources takes setrlimit(): refuse it with EPERM (chatd copes), never kill.
+    assert d["SystemCallErrorNumber"] == ["EPERM"]
+
+
+def test_socket_names_its_descriptor() -> None:
+    d = directives(UNITS / "chatd.socket")
+    assert d["ListenStream"] == ["127.0.0.1:1234"]  # the default config's address
+    assert d["FileDescriptorName"] == ["chat"]
