@@ -81,6 +81,33 @@ def seconds(lo: float, hi: float, *, zero_is_off: bool = False) -> Check:
     return check
 
 
+def number(lo: float, hi: float, *, what: str) -> Check:
+    def check(value: Any) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or not lo <= value <= hi:
+            raise ValueError(f"expected {what} from {lo:g} to {hi:g}, {_got(value)}")
+        return float(value)
+
+    return check
+
+
+def networks(value: Any) -> tuple[Network, ...]:
+    """A list of IP addresses or networks ("10.0.0.0/8", "::1")."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of IP addresses or networks, {_got(value)}")
+    parsed = []
+    for i, item in enumerate(value):
+        try:
+            if not isinstance(item, str):
+                raise ValueError
+            parsed.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"[{i}]: expected an IP address or network such as 10.0.0.0/8, {_got(item)}"
+            ) from None
+    return tuple(parsed)
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, {_got(value)}")
@@ -112,6 +139,9 @@ def addresses(value: Any) -> tuple[Address, ...]:
         except ValueError as e:
             raise ValueError(f"[{i}]: {e}") from None
     return tuple(parsed)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -170,6 +200,26 @@ class LogConfig:
     )
 
 
+@dataclass(frozen=True)
+class FloodConfig:
+    rate: float = setting(
+        10.0,
+        number(0, 1_000_000, what="messages per second (0 for off)"),
+        "messages per second one user may send over time; 0 turns flood control off",
+    )
+    burst: int = setting(
+        50, integer(1, 1_000_000), "messages one user may send at once before the rate applies"
+    )
+    max_dropped: int = setting(
+        200,
+        integer(0, 1_000_000_000),
+        "messages dropped in one flood before the sender is disconnected (0: never)",
+    )
+    exempt: tuple[Network, ...] = setting(
+        [], networks, "IP addresses or networks whose users flood control never limits"
+    )
+
+
 MiB = 1024 * 1024
 
 
@@ -197,9 +247,18 @@ class Config:
         "bytes queued for one client before it is dropped as a slow consumer",
     )
     max_clients: int = setting(10000, integer(1, 1_000_000), "connections served at once")
+    max_per_address: int = setting(
+        0, integer(0, 1_000_000), "connections served at once from one IP address (0: no limit)"
+    )
+    idle_timeout: float = setting(
+        0.0,
+        seconds(0.1, 7 * 86400, zero_is_off=True),
+        "seconds a user may send nothing before being disconnected (0: never)",
+    )
     shutdown_grace: float = setting(
         2.0, seconds(0, 60), "seconds to flush queued messages at shutdown"
     )
+    flood: FloodConfig = section(FloodConfig, "flood control")  # noqa: RUF009
     log: LogConfig = section(LogConfig, "logging")  # noqa: RUF009
 
     def diff(self, new: Config) -> tuple[list[str], list[str]]:
@@ -294,11 +353,13 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
             raise ConfigError(source, f"{prefix}{key}", f"unknown setting (known here: {known})")
     values = {}
     for name, f in fields.items():
-        if name not in raw:
-            continue
         key = prefix + name
         if "section" in f.metadata:
-            values[name] = _build(f.metadata["section"], raw[name] or {}, source, key + ".")
+            # An absent section is built too, so its defaults take their checked shape.
+            section_raw = raw.get(name) or {}
+            values[name] = _build(f.metadata["section"], section_raw, source, key + ".")
+            continue
+        if name not in raw:
             continue
         try:
             values[name] = f.metadata["check"](raw[name])

@@ -31,8 +31,10 @@ class Connection:
         "bytes_in",
         "bytes_out",
         "decoder",
+        "dropped",
         "fd",
         "last_active",
+        "limited",
         "log",
         "messages",
         "name",
@@ -40,10 +42,13 @@ class Connection:
         "out_bytes",
         "peer",
         "peer_host",
+        "refilled",
         "server",
         "since",
         "sock",
         "state",
+        "tokens",
+        "warned_at",
         "writing",
     )
 
@@ -63,6 +68,12 @@ class Connection:
         self.since = time.time()
         self.last_active = time.monotonic()
         self.messages = 0
+        # Flood control (the server's business): a token bucket, full at the start.
+        self.limited = False  # whether the bucket applies to this peer
+        self.tokens = float(cfg.flood.burst)
+        self.refilled = self.last_active  # when tokens were last added
+        self.dropped = 0  # messages dropped in the current flood
+        self.warned_at = -1  # self.messages when last told to slow down
         self.bytes_in = 0
         self.bytes_out = 0
         self.rebind_log()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import heapq
+import ipaddress
 import itertools
 import os
 import resource
@@ -56,6 +57,7 @@ class Stats:
     deliveries: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     evictions: int = 0
+    flood_dropped: int = 0
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -86,6 +88,10 @@ class Server:
         self._stop_deadline = 0.0
         self.notifier = notifier or Notifier(None)
         self._status_scheduled = False
+        self._per_address: dict[str, int] = {}  # peer address -> connections holding a place
+        self._idle_sweep_id = 0  # the current idle sweep; older ones stop
+        self.flood_rate = config.flood.rate
+        self.flood_burst = float(config.flood.burst)
         self._configure_logging()
 
     # Start-up.
@@ -98,6 +104,7 @@ class Server:
             lsock.setblocking(False)
             self.sel.register(lsock, READ, self._acceptor(lsock))
         self._install_signals()
+        self._start_idle_sweep()
         self.log.info(
             "startup",
             version=__version__,
@@ -237,9 +244,19 @@ class Server:
             self.conns[conn.fd] = conn
             self.sel.register(sock, READ, conn)
             self.stats.connections += 1
+            host = conn.peer_host
+            same_host = self._per_address[host] = self._per_address.get(host, 0) + 1
             if len(self.conns) - self._lingering > cfg.max_clients:
                 self.reject(conn, "server full", "the server is full, try again later")
                 continue
+            if cfg.max_per_address and same_host > cfg.max_per_address:
+                self.reject(
+                    conn,
+                    "too many from address",
+                    f"too many connections from {host}, try again later",
+                )
+                continue
+            conn.limited = self._flood_limited(host)
             self.call_at(time.monotonic() + cfg.handshake_timeout, self._handshake_expired, conn)
 
     def _resume_accept(self, lsock: socket.socket) -> None:
@@ -336,6 +353,21 @@ class Server:
     # Messages.
 
     def _on_message(self, conn: Connection, text: str) -> None:
+        if conn.limited:
+            # Token bucket: add what accrued since the last message (last_active is
+            # the time of this read), then take one token or drop the message.
+            now = conn.last_active
+            tokens = conn.tokens + (now - conn.refilled) * self.flood_rate
+            conn.refilled = now
+            if tokens >= self.flood_burst:
+                tokens = self.flood_burst
+                if conn.dropped:
+                    self._flood_over(conn)
+            elif tokens < 1.0:
+                conn.tokens = tokens
+                self._flooding(conn)
+                return
+            conn.tokens = tokens - 1.0
         if not text:
             return
         problem = text_problem(text)
@@ -358,6 +390,70 @@ class Server:
                 conn.log.info("message", bytes=len(text.encode()), text=text, **fields)
             else:
                 conn.log.info("message", bytes=len(text.encode()), **fields)
+
+    # Flood control.
+
+    def _flood_limited(self, host: str) -> bool:
+        """Whether flood control applies to connections from ``host``."""
+        return self.flood_rate > 0 and not is_exempt(host, self.config.flood.exempt)
+
+    def _flooding(self, conn: Connection) -> None:
+        """``conn`` sent a message with no token left: drop it, with a logged reason."""
+        conn.dropped += 1
+        self.stats.flood_dropped += 1
+        flood = self.config.flood
+        if flood.max_dropped and conn.dropped >= flood.max_dropped:
+            self.drop(
+                conn,
+                "flooding",
+                notice=f"disconnected for flooding: {conn.dropped} messages over the limit",
+            )
+            return
+        if conn.warned_at != conn.messages:
+            # Told once per run of dropped messages, so a flood cannot make the
+            # daemon write as much as it reads.
+            conn.warned_at = conn.messages
+            conn.log.warning("flood", dropped=conn.dropped, rate=flood.rate, burst=flood.burst)
+            self.room.send_to(
+                conn,
+                NOTICE_SENDER,
+                f"slow down: your messages are not being sent "
+                f"(the limit is {flood.rate:g} a second, {flood.burst} at once)",
+            )
+
+    def _flood_over(self, conn: Connection) -> None:
+        """The bucket filled up again: the flood is over."""
+        conn.log.info("flood_end", dropped=conn.dropped)
+        conn.dropped = 0
+        conn.warned_at = -1
+
+    # Idle timeout.
+
+    def _start_idle_sweep(self) -> None:
+        """(Re)start the periodic sweep for idle users; stops any earlier one."""
+        self._idle_sweep_id += 1
+        if self.config.idle_timeout:
+            self._next_idle_sweep(self._idle_sweep_id)
+
+    def _next_idle_sweep(self, sweep_id: int) -> None:
+        # One timer for everyone, every tenth of the timeout (at most 30 s): a
+        # user is disconnected between 1 and 1.1 timeouts after its last word.
+        every = min(max(self.config.idle_timeout / 10, 0.05), 30.0)
+        self.call_at(time.monotonic() + every, self._idle_sweep, sweep_id)
+
+    def _idle_sweep(self, sweep_id: int) -> None:
+        if sweep_id != self._idle_sweep_id:
+            return
+        timeout = self.config.idle_timeout
+        now = time.monotonic()
+        for conn in list(self.conns.values()):
+            if conn.state is JOINED and now - conn.last_active > timeout:
+                self.drop(
+                    conn,
+                    "idle",
+                    notice=f"disconnected: nothing sent for {timeout:g} seconds",
+                )
+        self._next_idle_sweep(sweep_id)
 
     # Leaving.
 
@@ -386,6 +482,8 @@ class Server:
         if conn.state is JOINED:
             self.room.leave(conn)
             self.users_changed()
+            if conn.dropped:
+                fields["flood_dropped"] = conn.dropped
             level = "warning" if reason in ("slow consumer", "internal error") else "info"
             getattr(conn.log, level)("leave", reason=reason, **fields)
             if not self._stopping:
@@ -398,6 +496,7 @@ class Server:
             self._close_with_notice(conn, notice)
 
     def _close_with_notice(self, conn: Connection, notice: str) -> None:
+        self._release(conn)
         conn.state = CLOSING  # from now on, what it sends is read and discarded
         self._lingering += 1
         conn.deliver(self.room.frame(NOTICE_SENDER, notice))
@@ -421,11 +520,22 @@ class Server:
     def _close_now(self, conn: Connection) -> None:
         if conn.state is CLOSING:
             self._lingering -= 1
+        elif conn.state is not CLOSED:
+            self._release(conn)
         if conn.state is not CLOSED:
             conn.state = CLOSED
             conn.out.clear()
             conn.out_bytes = 0
             self._doomed.append(conn)
+
+    def _release(self, conn: Connection) -> None:
+        """``conn`` no longer holds a place: count it off its address."""
+        host = conn.peer_host
+        left = self._per_address[host] - 1
+        if left:
+            self._per_address[host] = left
+        else:
+            del self._per_address[host]
 
     def _reap(self) -> None:
         doomed, self._doomed = self._doomed, []
@@ -520,12 +630,18 @@ class Server:
     def apply(self, cfg: Config) -> None:
         """Switch to ``cfg``; only settings a reload may change differ from the current."""
         log_changed = cfg.log != self.config.log
+        idle_changed = cfg.idle_timeout != self.config.idle_timeout
         self.config = cfg
         self.max_queue_bytes = cfg.max_queue_bytes
+        self.flood_rate = cfg.flood.rate
+        self.flood_burst = float(cfg.flood.burst)
+        if idle_changed:
+            self._start_idle_sweep()
         if log_changed:
             self._configure_logging()
             self.log = log.get()
         for conn in self.conns.values():
+            conn.limited = self._flood_limited(conn.peer_host)
             if conn.state is JOINED:
                 conn.decoder.max_payload = cfg.max_message_bytes
             elif conn.state is HANDSHAKE:
@@ -566,6 +682,18 @@ class Server:
 
 def _ignore_signal(signum: int, frame: Any) -> None:
     pass
+
+
+def is_exempt(host: str, networks: tuple[configmod.Network, ...]) -> bool:
+    """Whether the peer address ``host`` is in one of ``networks``."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return any(ip in net or (mapped is not None and mapped in net) for net in networks)
 
 
 def raise_nofile_limit() -> int:

@@ -251,3 +251,34 @@ class Client:
 
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
+
+
+class Bystanders:
+    """Two users who join before an abuse case and must not notice it.
+
+    ``check()`` asserts the daemon still serves: a new client can join, and the
+    two bystanders exchange a message both ways, each within ``within`` seconds.
+    """
+
+    def __init__(self, daemon: Daemon, within: float = 1.0) -> None:
+        self.daemon = daemon
+        self.within = within
+        self.a = daemon.client("bystander-a")
+        self.b = daemon.client("bystander-b")
+        self.a.expect(NOTICE, "bystander-b joined")
+        self.rounds = 0
+
+    def check(self) -> float:
+        """Assert the daemon still serves; return the slower one-way delay in seconds."""
+        self.rounds += 1
+        newcomer = self.daemon.client(f"newcomer-{self.rounds}")
+        slowest = 0.0
+        for src, dst in ((self.a, self.b), (self.b, self.a)):
+            text = f"ping {self.rounds} from {src.name}"
+            t0 = time.monotonic()
+            src.send(text)
+            # Anything else queued for dst (joins, leaves) is skipped.
+            assert dst.recv_text(src.name, timeout=self.within) == text
+            slowest = max(slowest, time.monotonic() - t0)
+        newcomer.close()
+        return slowest

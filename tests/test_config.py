@@ -85,12 +85,39 @@ def test_listen_forms(tmp_path: Path) -> None:
             "F: max_message_bytes: 1000 does not fit a 3-byte header (at most 999)",
         ),
         ("listen: [\n", "F: line 2: invalid YAML"),
+        ("max_per_address: -1", "F: max_per_address: expected an integer 0-1000000, got -1"),
+        (
+            "idle_timeout: yes",
+            "F: idle_timeout: expected seconds from 0.1 to 604800 (0 for off), got True",
+        ),
+        ("flood: 5", "F: flood: expected a mapping of settings, got 5"),
+        ("flood: {rate: fast}", "F: flood.rate: expected messages per second (0 for off) from 0"),
+        ("flood: {rate: -1}", "F: flood.rate: expected messages per second (0 for off) from 0"),
+        ("flood: {burst: 0}", "F: flood.burst: expected an integer 1-1000000, got 0"),
+        ("flood: {max_dropped: 1.5}", "F: flood.max_dropped: expected an integer 0-1000000000"),
+        ("flood: {exempt: 10.0.0.1}", "F: flood.exempt: expected a list of IP addresses or"),
+        (
+            "flood: {exempt: [10.0.0.0/8, lan]}",
+            "F: flood.exempt: [1]: expected an IP address or network such as 10.0.0.0/8, got 'lan'",
+        ),
     ],
 )
 def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, message: str) -> None:
     got = error_of(tmp_path, text).replace(str(tmp_path / "chatd.yaml"), "F")
     assert got.startswith(message), got
     assert "\n" not in got
+
+
+def test_flood_section(tmp_path: Path) -> None:
+    cfg = config.load(
+        write(
+            tmp_path, "flood: {rate: 2.5, burst: 4, exempt: ['10.1.2.3', '192.168.0.0/16', '::1']}"
+        )
+    )
+    assert cfg.flood.rate == 2.5 and cfg.flood.burst == 4
+    assert cfg.flood.max_dropped == config.defaults().flood.max_dropped
+    assert [str(n) for n in cfg.flood.exempt] == ["10.1.2.3/32", "192.168.0.0/16", "::1/128"]
+    assert config.defaults().flood.exempt == ()
 
 
 def test_missing_file(tmp_path: Path) -> None:

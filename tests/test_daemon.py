@@ -160,7 +160,7 @@ def test_handshake_timeout(start: Callable[..., Daemon]) -> None:
 def test_a_client_that_never_reads_is_evicted_and_memory_stays_bounded(
     start: Callable[..., Daemon],
 ) -> None:
-    daemon = start({"max_queue_bytes": 262144, "log": {"messages": False}})
+    daemon = start({"max_queue_bytes": 262144, "flood": {"rate": 0}, "log": {"messages": False}})
     stuck = Client(daemon.port)
     stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.join("stuck")
