@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from chatd import __version__, config, systemd
@@ -26,6 +27,19 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the config, print the result and exit (0 valid, 2 invalid)",
     )
+    p.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach into the background, logging to log.file (for systems without systemd; "
+        "under systemd run in the foreground)",
+    )
+    p.add_argument(
+        "--pidfile",
+        metavar="PATH",
+        default=None,
+        help="with --daemon: pidfile, locked while chatd runs and removed at exit "
+        "(default: /run/chatd.pid)",
+    )
     p.add_argument("--version", action="version", version=f"chatd {__version__}")
     return p
 
@@ -40,7 +54,10 @@ def load_config(path: str | None) -> tuple[config.Config, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.pidfile is not None and not args.daemon:
+        p.error("--pidfile needs --daemon")
     try:
         cfg, path = load_config(args.config)
     except config.ConfigError as e:
@@ -49,12 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"chatd: {path or 'built-in defaults'}: configuration is valid")
         return 0
+    if args.daemon:
+        from chatd import daemon  # python-daemon is needed only here
+
+        path = os.path.abspath(path) if path else None  # the daemon runs in /
+        return daemon.run(cfg, path, args.pidfile or daemon.DEFAULT_PIDFILE)
     try:
         sockets = systemd.listen_fds()
     except systemd.ActivationError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
         return 1
-    server = Server(cfg, path, systemd.Notifier.from_environ())
+    try:
+        server = Server(cfg, path, systemd.Notifier.from_environ())
+    except config.ConfigError as e:  # log.file cannot be opened
+        print(f"chatd: error: {e}", file=sys.stderr)
+        return 1
     try:
         server.open(sockets)
     except StartupError as e:

@@ -129,6 +129,12 @@ def text(value: Any) -> str:
     return value
 
 
+def absolute_path_or_empty(value: Any) -> str:
+    if not isinstance(value, str) or (value and not value.startswith("/")):
+        raise ValueError(f'expected an absolute path or "", {_got(value)}')
+    return value
+
+
 def addresses(value: Any) -> tuple[Address, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"expected a non-empty list of HOST:PORT addresses, {_got(value)}")
@@ -197,6 +203,12 @@ class LogConfig:
     )
     messages: bool = setting(
         True, boolean, "whether message events include the text (false keeps only the size)"
+    )
+    file: str = setting(
+        "",
+        absolute_path_or_empty,
+        'absolute path of a file to append events to instead of stdout ("" for stdout); '
+        "reopened on every reload, so logrotate can move it and send SIGHUP",
     )
 
 

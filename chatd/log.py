@@ -1,4 +1,4 @@
-"""structlog set-up: one event per line on stdout, JSON or console."""
+"""structlog set-up: one event per line on stdout (or a file), JSON or console."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from chatd.config import LogConfig
+from chatd.config import ConfigError, LogConfig
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -18,8 +18,26 @@ LEVELS = {
 }
 
 
-def configure(settings: LogConfig, stream: TextIO | None = None) -> None:
-    """(Re)configure structlog; safe to call again on reload."""
+_file: TextIO | None = None  # the open log.file, replaced on every configure()
+
+
+def configure(settings: LogConfig, stream: TextIO | None = None, source: str = "") -> None:
+    """(Re)configure structlog; safe to call again on reload.
+
+    With ``log.file`` set, the file is (re)opened for appending; when it cannot
+    be, ConfigError is raised and the logging in place is kept.
+    """
+    global _file
+    if settings.file and stream is None:
+        try:
+            stream = open(settings.file, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise ConfigError(
+                source or "<config>", "log.file", f"cannot open {settings.file}: {e.strerror}"
+            ) from None
+        if _file is not None:
+            _file.close()
+        _file = stream
     stream = stream or sys.stdout
     fmt = settings.format
     if fmt == "auto":

@@ -628,18 +628,22 @@ class Server:
         return applied, restart
 
     def apply(self, cfg: Config) -> None:
-        """Switch to ``cfg``; only settings a reload may change differ from the current."""
-        log_changed = cfg.log != self.config.log
+        """Switch to ``cfg``; only settings a reload may change differ from the current.
+
+        A log file is reopened even when unchanged (logrotate moves it, then
+        reloads); when it cannot be, ConfigError is raised before anything changed.
+        """
+        log_changed = cfg.log != self.config.log or bool(cfg.log.file)
         idle_changed = cfg.idle_timeout != self.config.idle_timeout
+        if log_changed:
+            self._configure_logging(cfg)
+            self.log = log.get()
         self.config = cfg
         self.max_queue_bytes = cfg.max_queue_bytes
         self.flood_rate = cfg.flood.rate
         self.flood_burst = float(cfg.flood.burst)
         if idle_changed:
             self._start_idle_sweep()
-        if log_changed:
-            self._configure_logging()
-            self.log = log.get()
         for conn in self.conns.values():
             conn.limited = self._flood_limited(conn.peer_host)
             if conn.state is JOINED:
@@ -675,9 +679,10 @@ class Server:
         self.notifier.notify("WATCHDOG=1")
         self.call_at(time.monotonic() + interval, self._watchdog, interval)
 
-    def _configure_logging(self) -> None:
-        log.configure(self.config.log)
-        self._log_messages = log.LEVELS[self.config.log.level] <= log.LEVELS["info"]
+    def _configure_logging(self, cfg: Config | None = None) -> None:
+        settings = (cfg or self.config).log
+        log.configure(settings, source=self.config_path or "<defaults>")
+        self._log_messages = log.LEVELS[settings.level] <= log.LEVELS["info"]
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:

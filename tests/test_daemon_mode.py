@@ -1,0 +1,268 @@
+"""`chatd --daemon`: detach, pidfile, log file, chat through it, stop with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import NOTICE, ROOT, TIMEOUT, Client
+
+from chatd.daemon import PidFile
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def wait_until(what: str, check: Any, timeout: float = TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Detached:
+    """A `chatd --daemon` started by the test, found by its pidfile."""
+
+    def __init__(self, tmp_path: Path, settings: dict[str, Any] | None = None) -> None:
+        self.log_path = tmp_path / "chatd.log"
+        self.pidfile = tmp_path / "chatd.pid"
+        self.config_path = tmp_path / "chatd.yaml"
+        self.config: dict[str, Any] = {
+            "listen": ["127.0.0.1:0"],
+            "log": {"format": "json", "file": str(self.log_path)},
+            **(settings or {}),
+        }
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.pid = 0
+
+    def start(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "chatd", "-c", str(self.config_path), *extra],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+
+    def daemonize(self) -> None:
+        r = self.start("--daemon", "--pidfile", str(self.pidfile))
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+        self.pid = wait_until("the pidfile to name a live process", self._live_pid)
+        self.port = int(self.wait_for("startup")["listen"][0].rsplit(":", 1)[1])
+
+    def _live_pid(self) -> int | None:
+        try:
+            text = self.pidfile.read_text()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.strip().isdigit() and alive(int(text)) else None
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+    def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for e in self.events():
+                if e["event"] == event and all(e.get(k) == v for k, v in fields.items()):
+                    return e
+            return None
+
+        found: dict[str, Any] = wait_until(f"{event} {fields} in {self.log_path}", find)
+        return found
+
+    def kill(self) -> None:
+        """Teardown: SIGKILL the daemon if a test left it running (checked to be ours)."""
+        if self.pid and alive(self.pid):
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+            if str(self.config_path).encode() in cmdline:
+                os.kill(self.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def detached(tmp_path: Path) -> Iterator[Detached]:
+    d = Detached(tmp_path)
+    yield d
+    d.kill()
+
+
+def test_daemon_detaches_serves_reloads_and_stops(detached: Detached) -> None:
+    detached.daemonize()
+    # Detached: not our child, in a session of its own, away from our terminal.
+    assert os.getsid(detached.pid) != os.getsid(0)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(detached.pid, os.WNOHANG)
+
+    alice = Client(detached.port)
+    alice.join("alice")
+    bob = Client(detached.port)
+    bob.join("bob")
+    alice.expect(NOTICE, "bob joined")
+    bob.send("hello from the background")
+    alice.expect("bob", "hello from the background")
+    detached.wait_for("message", user="bob", text="hello from the background")
+
+    detached.config_path.write_text(yaml.safe_dump({**detached.config, "max_name_bytes": 8}))
+    os.kill(detached.pid, signal.SIGHUP)
+    detached.wait_for("reload", applied=["max_name_bytes"])
+
+    os.kill(detached.pid, signal.SIGTERM)
+    assert alice.expect_closed() == [(NOTICE, "the server is shutting down")]
+    wait_until("the daemon to exit", lambda: not alive(detached.pid))
+    assert not detached.pidfile.exists()
+    detached.wait_for("shutdown")
+    assert [e for e in detached.events() if e["level"] == "error"] == []
+
+
+def test_second_daemon_is_refused_while_the_first_runs(detached: Detached) -> None:
+    detached.daemonize()
+    r = detached.start("--daemon", "--pidfile", str(detached.pidfile))
+    assert r.returncode == 1
+    assert r.stderr == (
+        f"chatd: error: chatd is already running (pid {detached.pid}, pidfile {detached.pidfile})\n"
+    )
+    assert int(detached.pidfile.read_text()) == detached.pid
+    os.kill(detached.pid, signal.SIGTERM)
+    wait_until("the daemon to exit", lambda: not alive(detached.pid))
+
+
+def test_stale_pidfile_is_taken_over(detached: Detached) -> None:
+    # A daemon killed with SIGKILL leaves its pidfile, but no lock on it.
+    detached.pidfile.write_text("999999\n")
+    detached.daemonize()
+    assert detached.pid != 999999
+    os.kill(detached.pid, signal.SIGTERM)
+    wait_until("the daemon to exit", lambda: not alive(detached.pid))
+    assert not detached.pidfile.exists()
+
+
+def test_daemon_without_a_log_file_is_refused(tmp_path: Path) -> None:
+    d = Detached(tmp_path, {"log": {"format": "json"}})
+    r = d.start("--daemon", "--pidfile", str(d.pidfile))
+    assert r.returncode == 2
+    assert r.stderr == (
+        "chatd: error: --daemon needs log.file in the config (a daemon has no terminal)\n"
+    )
+    assert not d.pidfile.exists()
+
+
+def test_daemon_reports_a_taken_address_before_detaching(detached: Detached) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        detached.config_path.write_text(
+            yaml.safe_dump({**detached.config, "listen": [f"127.0.0.1:{port}"]})
+        )
+        r = detached.start("--daemon", "--pidfile", str(detached.pidfile))
+    assert r.returncode == 1
+    assert r.stderr == f"chatd: error: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert not detached.pidfile.exists()
+
+
+def test_pidfile_needs_daemon(detached: Detached) -> None:
+    r = detached.start("--pidfile", str(detached.pidfile))
+    assert r.returncode == 2
+    assert r.stderr.endswith("chatd: error: --pidfile needs --daemon\n")
+
+
+def test_pidfile_lock_is_what_counts(tmp_path: Path) -> None:
+    path = str(tmp_path / "x.pid")
+    first = PidFile(path)
+    assert first.holder() is None
+    first.acquire()
+    assert first.holder() == os.getpid()
+    with pytest.raises(Exception, match=r"already running \(pid \d+, pidfile .*x\.pid\)"):
+        PidFile(path).acquire()
+    first.release()
+    assert not os.path.exists(path)
+    assert PidFile(path).holder() is None
+
+
+def test_log_file_in_the_foreground_is_reopened_on_reload(tmp_path: Path) -> None:
+    log_path = tmp_path / "chatd.log"
+    config_path = tmp_path / "chatd.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {"listen": ["127.0.0.1:0"], "log": {"format": "json", "file": str(log_path)}}
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatd", "-c", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        wait_until("startup in the log file", lambda: log_path.exists() and log_path.read_text())
+        assert json.loads(log_path.read_text().splitlines()[0])["event"] == "startup"
+        # logrotate: move the file away, then reload.
+        log_path.rename(tmp_path / "chatd.log.1")
+        proc.send_signal(signal.SIGHUP)
+        wait_until("a new log file", lambda: log_path.exists() and "reload" in log_path.read_text())
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert out == err == ""  # nothing on stdout: the events went to the file
+    assert "shutdown" in log_path.read_text()
+
+
+def test_log_file_must_be_absolute(tmp_path: Path) -> None:
+    config_path = tmp_path / "chatd.yaml"
+    config_path.write_text("log: {file: chatd.log}\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "chatd", "-c", str(config_path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2
+    assert r.stderr == (
+        f'chatd: error: {config_path}: log.file: expected an absolute path or "", '
+        "got 'chatd.log'\n"
+    )
+
+
+def test_log_file_that_cannot_be_opened_is_a_startup_error(tmp_path: Path) -> None:
+    config_path = tmp_path / "chatd.yaml"
+    missing = tmp_path / "no-such-dir" / "chatd.log"
+    config_path.write_text(
+        yaml.safe_dump({"listen": ["127.0.0.1:0"], "log": {"file": str(missing)}})
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "chatd", "-c", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert r.returncode == 1
+    assert r.stderr == (
+        f"chatd: error: {config_path}: log.file: cannot open {missing}: No such file or directory\n"
+    )
