@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-all lint fmt clean
+.PHONY: run test test-all lint fmt clean bench bench-quick bench-profile
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,18 @@ test: $(STAMP)
 # Everything, the slow tests included (CI runs this too).
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+# The benchmark of issue 7 (see bench/chatbench.py and README "Performance").
+bench: $(STAMP)
+	$(BIN)/python bench/chatbench.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/chatbench.py --quick
+
+# One round with chatd sampled by py-spy; collapsed stacks in bench/results/profile/.
+bench-profile: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python bench/chatbench.py --quick --profile bench/results/profile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

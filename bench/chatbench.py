@@ -1,0 +1,956 @@
+"""chatd's benchmark: a load generator and the four scenarios of issue 7.
+
+    python bench/chatbench.py            # every scenario, several rounds (`make bench`)
+    python bench/chatbench.py --quick    # one round of each (`make bench-quick`)
+
+The daemon runs as a subprocess pinned with taskset to one core; this process
+(and, for the latency scenario, one helper process it forks) is pinned to the
+other.  Receivers only count bytes: during a measurement every delivery has the
+same known size.  A few probe clients parse frames, to hold each sender to its
+window and to timestamp messages for latency.  Everything talks to 127.0.0.1;
+every loop is bounded in count and in time.
+
+Scenarios:
+  a  fan-out: 100 and 1,000 receivers, 10 senders with 64-byte messages, each
+     sender at most --window messages ahead of what the probes received
+  b  latency: 1,000 receivers, 200 messages/s offered, send-to-receipt time
+  c  capacity: clients in steps of 1,000 up to 10,000, one broadcast after each
+  d  join storm: 2,000 clients connect and register, 10 and 100 in flight
+
+The daemon runs with its default configuration (log level info, JSON message
+events with text) but for a port of 0, a max_clients of 11,000 and 127.0.0.1
+exempt from flood control; its stdout is read and discarded by a thread of this
+process, as journald would read it.
+Results: a table on stdout and a JSON file under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+HL = 10  # header length
+TEXT_BYTES = 64
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+RECV_BUF = memoryview(bytearray(1 << 20))
+
+
+def frame(text: str | bytes) -> bytes:
+    payload = text.encode() if isinstance(text, str) else text
+    return b"%-*d" % (HL, len(payload)) + payload
+
+
+def message_text(seq: int, stamp_ns: int = 0) -> bytes:
+    """A 64-byte message: sequence number and send time, padded."""
+    head = b"%010d %020d " % (seq, stamp_ns)
+    return head + b"x" * (TEXT_BYTES - len(head))
+
+
+class BenchError(Exception):
+    pass
+
+
+# The daemon.
+
+
+class Daemon:
+    """chatd as a subprocess on an ephemeral port, pinned to ``cpu``."""
+
+    profile_dir: Path | None = None  # --profile: where py-spy writes
+    profiler: subprocess.Popen[bytes] | None = None
+
+    def __init__(self, workdir: Path, cpu: int | None, extra: dict[str, Any] | None = None) -> None:
+        cfg: dict[str, Any] = {
+            "listen": ["127.0.0.1:0"],
+            "max_clients": 11000,
+            # Every client comes from 127.0.0.1: flood control (on by default,
+            # 10 messages/s) would measure the limit, not the relay.
+            "flood": {"exempt": ["127.0.0.1"]},
+            "log": {"format": "json"},
+        }
+        cfg.update(extra or {})
+        path = workdir / "chatd.yaml"
+        path.write_text(json.dumps(cfg))  # JSON is YAML
+        cmd = [sys.executable, "-m", "chatd", "--config", str(path)]
+        if cpu is not None and shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(cpu), *cmd]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("PYTHONUNBUFFERED", None)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT
+        )
+        self.pid = self.proc.pid  # taskset execs the daemon: same pid
+        self.log_bytes = 0
+        assert self.proc.stdout
+        deadline = time.monotonic() + 15
+        line = b""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "startup":
+                    self.port = int(event["listen"][0].rsplit(":", 1)[1])
+                    break
+        else:
+            self.kill()
+            raise BenchError("chatd did not start in 15 s")
+        if not line:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            raise BenchError(f"chatd did not start: {err.strip()[-500:]}")
+        self._drain = threading.Thread(target=self._discard, daemon=True)
+        self._drain.start()
+
+    def _discard(self) -> None:
+        assert self.proc.stdout
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                data = os.read(fd, 1 << 20)
+            except OSError:
+                return
+            if not data:
+                return
+            self.log_bytes += len(data)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def profile(self, tag: str) -> None:
+        """With --profile, sample the daemon with py-spy from now until it stops."""
+        if self.profile_dir is None or self.profiler is not None:
+            return
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out = self.profile_dir / f"{tag}.txt"
+        cmd = [spy, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw"]
+        self.profiler = subprocess.Popen(
+            [*cmd, "--nonblocking", "--output", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.3)  # let it attach
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise BenchError("no VmRSS for chatd")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._drain.join(5)
+        if self.profiler is not None:
+            try:
+                self.profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                self.profiler.kill()
+                self.profiler.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` (all its threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class CpuMeter:
+    """CPU use of the daemon and of the generator's processes over an interval."""
+
+    def __init__(self, daemon: Daemon, gen_pids: list[int]) -> None:
+        self.daemon = daemon
+        self.gen_pids = gen_pids
+        self.t0 = time.monotonic()
+        self.d0 = daemon.cpu_seconds()
+        self.g0 = sum(cpu_seconds(p) for p in gen_pids)
+        self.m0 = machine_busy()
+
+    def read(self) -> dict[str, float]:
+        dt = time.monotonic() - self.t0
+        d = (self.daemon.cpu_seconds() - self.d0) / dt
+        g = (sum(cpu_seconds(p) for p in self.gen_pids) - self.g0) / dt
+        m = (machine_busy() - self.m0) / dt
+        return {
+            "daemon_cpu": round(d, 3),
+            "generator_cpu": round(g, 3),
+            # Every other process's CPU (other work on a shared machine).
+            "other_cpu": round(max(0.0, m - d - g), 3),
+        }
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, fields)
+    # Interrupt time is left out: on loopback much of it is this benchmark's.
+    return (user + nice + system + steal) / CLK_TCK
+
+
+def saturated(cpu: dict[str, float]) -> str:
+    d, g = cpu["daemon_cpu"], cpu["generator_cpu"]
+    if d >= 0.9 and d >= g:
+        return "daemon"
+    if g >= 0.9:
+        return "generator"
+    return "neither"
+
+
+# The load generator: non-blocking clients on one epoll.
+
+JOINING, COUNT, PROBE, DEAD = range(4)
+
+
+class Conn:
+    __slots__ = ("buf", "name", "nbytes", "out", "per_sender", "sent", "sock", "state", "want")
+
+    def __init__(self, sock: socket.socket, name: str, want: int) -> None:
+        self.sock = sock
+        self.name = name
+        self.state = JOINING
+        self.want = want  # the state after the welcome
+        self.buf = bytearray()
+        self.nbytes = 0  # bytes received after the welcome
+        self.out = b""  # unsent bytes
+        self.sent = 0  # messages sent (senders)
+        self.per_sender: dict[bytes, int] = {}  # probes: messages received per sender
+
+
+def split_frames(buf: bytearray) -> Iterator[bytes]:
+    """Consume and yield the complete frames at the front of ``buf``."""
+    pos = 0
+    while len(buf) - pos >= HL:
+        n = int(buf[pos : pos + HL])
+        if len(buf) - pos - HL < n:
+            break
+        yield bytes(buf[pos + HL : pos + HL + n])
+        pos += HL + n
+    del buf[:pos]
+
+
+class Generator:
+    def __init__(self, port: int) -> None:
+        self.addr = ("127.0.0.1", port)
+        self.ep = select.epoll()
+        self.conns: dict[int, Conn] = {}
+        self.joining = 0
+        self.joined: list[Conn] = []
+        self.failed: dict[str, int] = {}
+        self.latencies: list[int] = []  # ns, probes in latency mode
+        self.stamped = False  # probes read send times from the text
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            c.sock.close()
+        self.conns.clear()
+        self.ep.close()
+
+    def fail(self, c: Conn, why: str) -> None:
+        self.failed[why] = self.failed.get(why, 0) + 1
+        if c.state == JOINING:
+            self.joining -= 1
+        c.state = DEAD
+        with contextlib.suppress(OSError, KeyError):
+            self.ep.unregister(c.sock.fileno())
+        fd = c.sock.fileno()
+        self.conns.pop(fd, None)
+        c.sock.close()
+
+    def connect(self, name: str, want: int) -> Conn:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c = Conn(s, name, want)
+        self.joining += 1
+        self.conns[s.fileno()] = c
+        rc = s.connect_ex(self.addr)
+        if rc not in (0, errno.EINPROGRESS):
+            self.fail(c, errno.errorcode.get(rc, str(rc)))
+            return c
+        self.ep.register(s.fileno(), EPOLLOUT)
+        return c
+
+    def join_many(
+        self, names: list[str], want: int, in_flight: int, limit: float
+    ) -> tuple[float, list[Conn]]:
+        """Connect and register ``names``, at most ``in_flight`` at once.
+
+        Returns the seconds taken and the connections that joined.
+        """
+        start = time.monotonic()
+        deadline = start + limit
+        todo = list(reversed(names))
+        before = len(self.joined)
+        while (todo or self.joining) and time.monotonic() < deadline:
+            while todo and self.joining < in_flight:
+                self.connect(todo.pop(), want)
+            self.poll(0.05)
+        if todo or self.joining:
+            raise BenchError(
+                f"{len(todo) + self.joining} of {len(names)} clients not joined in {limit:g} s"
+            )
+        return time.monotonic() - start, self.joined[before:]
+
+    def poll(self, timeout: float) -> None:
+        conns = self.conns
+        buf = RECV_BUF
+        for fd, ev in self.ep.poll(timeout, 4096):
+            c = conns.get(fd)
+            if c is None:
+                continue
+            st = c.state
+            if st == COUNT:
+                try:
+                    n = c.sock.recv_into(buf)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    self.fail(c, errno.errorcode.get(e.errno or 0, "error"))
+                    continue
+                if n == 0:
+                    self.fail(c, "closed by chatd")
+                c.nbytes += n
+            elif st == PROBE:
+                self._probe(c)
+            elif ev & EPOLLOUT:
+                self._connected(c)
+            else:
+                self._welcome(c)
+
+    def _read(self, c: Conn) -> bytes | None:
+        try:
+            data = c.sock.recv(1 << 20)
+        except BlockingIOError:
+            return b""
+        except OSError as e:
+            self.fail(c, errno.errorcode.get(e.errno or 0, "error"))
+            return None
+        if not data:
+            self.fail(c, "closed by chatd" if c.state != JOINING else "closed before welcome")
+            return None
+        return data
+
+    def _connected(self, c: Conn) -> None:
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.fail(c, errno.errorcode.get(err, str(err)))
+            return
+        try:
+            c.sock.send(frame(c.name))
+        except OSError as e:
+            self.fail(c, errno.errorcode.get(e.errno or 0, "error"))
+            return
+        self.ep.modify(c.sock.fileno(), EPOLLIN)
+
+    def _welcome(self, c: Conn) -> None:
+        data = self._read(c)
+        if not data:
+            return
+        c.buf += data
+        frames = list(split_frames(c.buf))
+        # Frames come in pairs; put back a lone sender frame.
+        if len(frames) % 2:
+            c.buf[:0] = frame(frames.pop())
+        for i in range(0, len(frames), 2):
+            sender, text = frames[i], frames[i + 1]
+            if c.state == JOINING and sender == b"chatd":
+                if text.startswith(b"welcome, "):
+                    self.joining -= 1
+                    c.state = c.want
+                    self.joined.append(c)
+                elif text.startswith(b"name rejected") or text.startswith(b"the server is full"):
+                    self.fail(c, text.decode()[:40])
+                    return
+        if c.state == COUNT:
+            c.buf.clear()  # what followed the welcome: notices, not measured
+
+    def _probe(self, c: Conn) -> None:
+        data = self._read(c)
+        if not data:
+            return
+        c.nbytes += len(data)
+        c.buf += data
+        frames = list(split_frames(c.buf))
+        if len(frames) % 2:
+            c.buf[:0] = frame(frames.pop())
+        counts = c.per_sender
+        now = time.monotonic_ns() if self.stamped else 0
+        for i in range(0, len(frames), 2):
+            sender = frames[i]
+            counts[sender] = counts.get(sender, 0) + 1
+            if self.stamped and sender != b"chatd":
+                self.latencies.append(now - int(frames[i + 1][11:31]))
+
+    def settle(self, quiet: float = 0.3, limit: float = 60.0) -> None:
+        """Read until nothing arrives for ``quiet`` seconds (notices, welcomes)."""
+        deadline = time.monotonic() + limit
+        last = time.monotonic()
+        total = self.received()
+        while time.monotonic() < deadline:
+            self.poll(0.05)
+            now_total = self.received()
+            if now_total != total:
+                total, last = now_total, time.monotonic()
+            elif time.monotonic() - last >= quiet:
+                return
+        raise BenchError(f"traffic did not settle in {limit:g} s")
+
+    def received(self) -> int:
+        return sum(c.nbytes for c in self.joined)
+
+    def reset_counts(self) -> None:
+        for c in self.joined:
+            c.nbytes = 0
+            c.per_sender.clear()
+            c.buf.clear()
+
+
+# Scenario a: fan-out throughput.
+
+
+def fanout(args: argparse.Namespace, receivers: int, rounds: int) -> dict[str, Any]:
+    senders_n, probes_n = 10, 2
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(Path(tmp), args.daemon_cpu)
+        gen = Generator(daemon.port)
+        try:
+            names = [f"r{i:05d}" for i in range(receivers - probes_n)]
+            gen.join_many(names, COUNT, 100, 120)
+            _, probes = gen.join_many([f"p{i:05d}" for i in range(probes_n)], PROBE, 100, 30)
+            _, senders = gen.join_many([f"s{i:05d}" for i in range(senders_n)], COUNT, 100, 30)
+            gen.settle()
+            gen.reset_counts()
+            delivery = len(frame("s00000") + frame(message_text(0)))
+            payload = frame(message_text(0))
+            sender_keys = [s.name.encode() for s in senders]
+            measured = [c for c in gen.joined if c not in senders]
+            window = args.window
+
+            def pump(seconds: float) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    for s, key in zip(senders, sender_keys, strict=True):
+                        if s.state == DEAD:
+                            continue
+                        if s.out:
+                            with contextlib.suppress(BlockingIOError):
+                                s.out = s.out[s.sock.send(s.out) :]
+                            continue
+                        seen = min(p.per_sender.get(key, 0) for p in probes)
+                        room = window - (s.sent - seen)
+                        if room > 0:
+                            data = payload * room
+                            s.sent += room
+                            try:
+                                n = s.sock.send(data)
+                            except BlockingIOError:
+                                n = 0
+                            s.out = data[n:]
+                    gen.poll(0.01)
+                    if gen.failed:
+                        raise BenchError(f"clients lost: {gen.failed}")
+
+            pump(args.warmup)
+            daemon.profile(f"fanout_{receivers}")
+            results = []
+            for _ in range(rounds):
+                b0 = sum(c.nbytes for c in measured)
+                m0 = min(sum(p.per_sender.values()) for p in probes)
+                meter = CpuMeter(daemon, [os.getpid()])
+                t0 = time.monotonic()
+                pump(args.seconds)
+                dt = time.monotonic() - t0
+                cpu = meter.read()
+                b1 = sum(c.nbytes for c in measured)
+                m1 = min(sum(p.per_sender.values()) for p in probes)
+                results.append(
+                    {
+                        "deliveries_per_s": round((b1 - b0) / delivery / dt),
+                        "accepted_per_s": round((m1 - m0) / dt),
+                        **cpu,
+                        "saturated": saturated(cpu),
+                    }
+                )
+            return summarize(results) | {
+                "receivers": receivers,
+                "senders": senders_n,
+                "window": window,
+                "delivery_bytes": delivery,
+            }
+        finally:
+            gen.close()
+            daemon.stop()
+
+
+# Scenario b: latency at a fixed offered rate.
+
+
+def _sink(port: int, names: list[str], ready: Any, stop: Any, out: Any) -> None:
+    """Forked helper: join ``names`` as byte-counting receivers, read until told to stop."""
+    gen = Generator(port)
+    try:
+        gen.join_many(names, COUNT, 100, 120)
+        ready.set()
+        deadline = time.monotonic() + 600
+        while not stop.is_set() and time.monotonic() < deadline:
+            gen.poll(0.05)
+        out.put({"failed": gen.failed, "bytes": gen.received()})
+    except Exception as e:
+        out.put({"error": str(e)})
+    finally:
+        gen.close()
+
+
+def latency(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
+    receivers, probes_n, senders_n, rate = 1000, 5, 10, 200.0
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(Path(tmp), args.daemon_cpu)
+        ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+        names = [f"r{i:05d}" for i in range(receivers - probes_n)]
+        sink = ctx.Process(target=_sink, args=(daemon.port, names, ready, stop, out))
+        sink.start()
+        gen = Generator(daemon.port)
+        try:
+            if not ready.wait(180):
+                raise BenchError("the receivers did not join in time")
+            gen.stamped = True
+            gen.join_many([f"p{i:05d}" for i in range(probes_n)], PROBE, 100, 30)
+            _, senders = gen.join_many([f"s{i:05d}" for i in range(senders_n)], COUNT, 100, 30)
+            gen.settle()
+            gen.reset_counts()
+            gen.latencies.clear()
+            seq = 0
+
+            def offer(seconds: float) -> None:
+                nonlocal seq
+                start = time.monotonic()
+                end = start + seconds
+                while True:
+                    now = time.monotonic()
+                    if now >= end:
+                        break
+                    due = start + seq_in_round[0] / rate
+                    if now >= due:
+                        s = senders[seq % senders_n]
+                        s.sock.send(frame(message_text(seq, time.monotonic_ns())))
+                        seq += 1
+                        seq_in_round[0] += 1
+                        continue
+                    gen.poll(min(due - now, 0.01))
+                    if gen.failed:
+                        raise BenchError(f"clients lost: {gen.failed}")
+
+            seq_in_round = [0]
+            offer(args.warmup)
+            daemon.profile("latency")
+            results = []
+            for _ in range(rounds):
+                gen.latencies.clear()
+                seq_in_round[0] = 0
+                meter = CpuMeter(daemon, [os.getpid(), sink.pid or 0])
+                offer(args.seconds + 1)
+                cpu = meter.read()
+                # Let the last messages arrive.
+                end = time.monotonic() + 0.5
+                while time.monotonic() < end:
+                    gen.poll(0.01)
+                lat = sorted(gen.latencies)
+                if not lat:
+                    raise BenchError("no message reached a probe")
+                results.append(
+                    {
+                        "p50_ms": round(lat[len(lat) // 2] / 1e6, 3),
+                        "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e6, 3),
+                        "max_ms": round(lat[-1] / 1e6, 3),
+                        "samples": len(lat),
+                        **cpu,
+                        "saturated": saturated(cpu),
+                    }
+                )
+            return summarize(results) | {
+                "receivers": receivers,
+                "probes": probes_n,
+                "offered_per_s": rate,
+            }
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                sink_result = out.get(timeout=10)
+                if sink_result.get("failed") or sink_result.get("error"):
+                    print(f"  receivers: {sink_result}", file=sys.stderr)
+            sink.join(10)
+            if sink.is_alive():
+                sink.kill()
+            gen.close()
+            daemon.stop()
+
+
+# Scenario c: capacity.
+
+
+def capacity(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
+    top = args.capacity
+    results = []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            daemon = Daemon(Path(tmp), args.daemon_cpu)
+            gen = Generator(daemon.port)
+            try:
+                time.sleep(0.2)
+                rss0 = daemon.rss_kib()
+                daemon.profile("capacity")
+                _, (caster,) = gen.join_many(["caster"], COUNT, 1, 10)
+                steps: list[dict[str, Any]] = []
+                clients = 1
+                stopped = ""
+                try:
+                    while clients < top:
+                        clients = _capacity_step(args, daemon, gen, caster, clients, steps)
+                except BenchError as e:
+                    stopped = f"stopped after {clients} clients: {e}"
+                    print(f"    {stopped}", file=sys.stderr)
+                if not steps:
+                    raise BenchError(stopped)
+                rss_top = steps[-1]["rss_mib"] * 1024
+                clients = steps[-1]["clients"]
+                results.append(
+                    {
+                        "clients": clients,
+                        "rss_mib": steps[-1]["rss_mib"],
+                        "idle_rss_mib": round(rss0 / 1024, 1),
+                        "per_client_kib": round((rss_top - rss0) / (clients - 1), 2),
+                        "connect_s_total": round(sum(s["connect_s"] for s in steps), 3),
+                        "steps": steps,
+                        **({"stopped": stopped} if stopped else {}),
+                    }
+                )
+            finally:
+                gen.close()
+                daemon.stop()
+    return summarize(results)
+
+
+def _capacity_step(
+    args: argparse.Namespace,
+    daemon: Daemon,
+    gen: Generator,
+    caster: Conn,
+    clients: int,
+    steps: list[dict[str, Any]],
+) -> int:
+    """Add up to 1,000 clients, measure, broadcast once; return the new count."""
+    batch = [f"c{i:05d}" for i in range(clients, min(args.capacity, clients + 1000))]
+    took, _ = gen.join_many(batch, COUNT, 100, args.step_limit)
+    clients += len(batch)
+    gen.settle(limit=args.step_limit)
+    rss = daemon.rss_kib()
+    gen.reset_counts()
+    t0 = time.monotonic()
+    caster.sock.send(frame(message_text(clients)))
+    want = (clients - 1) * len(frame("caster") + frame(message_text(0)))
+    deadline = t0 + 30
+    while gen.received() < want and time.monotonic() < deadline:
+        gen.poll(0.05)
+    if gen.received() < want:
+        raise BenchError(f"the broadcast did not reach all {clients} clients")
+    steps.append(
+        {
+            "clients": clients,
+            "connect_s": round(took, 3),
+            "broadcast_ms": round((time.monotonic() - t0) * 1000, 1),
+            "rss_mib": round(rss / 1024, 1),
+        }
+    )
+    print(f"    {steps[-1]}", file=sys.stderr)
+    return clients
+
+
+# Scenario d: join storm.
+
+
+def join_storm(args: argparse.Namespace, in_flight: int, rounds: int) -> dict[str, Any]:
+    results = []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            daemon = Daemon(Path(tmp), args.daemon_cpu)
+            gen = Generator(daemon.port)
+            try:
+                names = [f"j{i:05d}" for i in range(args.storm)]
+                daemon.profile(f"storm_{in_flight}")
+                meter = CpuMeter(daemon, [os.getpid()])
+                try:
+                    took, joined = gen.join_many(names, COUNT, in_flight, args.step_limit)
+                except BenchError:
+                    took, joined = args.step_limit, gen.joined
+                cpu = meter.read()
+                refused = sum(gen.failed.values())
+                results.append(
+                    {
+                        "joins_per_s": round(len(joined) / took),
+                        "joined": len(joined),
+                        "refused_or_reset": refused,
+                        "failures": dict(gen.failed),
+                        **cpu,
+                        "saturated": saturated(cpu),
+                    }
+                )
+            finally:
+                gen.close()
+                daemon.stop()
+    return summarize(results) | {"clients": args.storm, "in_flight": in_flight}
+
+
+# Results.
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the numeric fields over rounds, and the rounds themselves."""
+    out: dict[str, Any] = {}
+    for key, value in rounds[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            vals = [r[key] for r in rounds]
+            med = statistics.median(vals)
+            out[key] = round(med, 3) if isinstance(med, float) else med
+    if "refused_or_reset" in out:
+        out["refused_or_reset_total"] = sum(r["refused_or_reset"] for r in rounds)
+    stopped = [r["stopped"] for r in rounds if "stopped" in r]
+    if stopped:
+        out["stopped"] = stopped[0]
+    if "saturated" in rounds[0]:
+        sides = [r["saturated"] for r in rounds]
+        out["saturated"] = max(set(sides), key=sides.count)
+    out["rounds"] = rounds
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "commit": commit + ("-dirty" if dirty else ""),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def table(res: dict[str, Any]) -> str:
+    rows = [("scenario", "figure", "median", "target", "saturated")]
+    for key, r in res["scenarios"].items():
+        if key.startswith("fanout"):
+            target = {100: 4_000_000, 1000: 2_500_000}.get(r["receivers"])
+            rows.append(
+                (
+                    f"a fan-out {r['receivers']} receivers",
+                    "deliveries/s",
+                    f"{r['deliveries_per_s']:,}",
+                    f">= {target:,}" if target else "",
+                    _cpu(r),
+                )
+            )
+            rows.append(("", "accepted msgs/s", f"{r['accepted_per_s']:,}", "", ""))
+        elif key == "latency":
+            rows.append(
+                (
+                    "b latency 1,000 receivers 200 msg/s",
+                    "p50 / p99 / max ms",
+                    f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} / {r['max_ms']:.2f}",
+                    "p99 <= 10",
+                    _cpu(r),
+                )
+            )
+        elif key == "capacity":
+            rows.append(
+                (
+                    f"c capacity {r['clients']:,} clients",
+                    "RSS MiB / KiB per client",
+                    f"{r['rss_mib']} / {r['per_client_kib']}",
+                    "10,000 clients",
+                    "",
+                )
+            )
+            rows.append(("", "connect s (all steps)", f"{r['connect_s_total']}", "", ""))
+            if "stopped" in r:
+                rows.append(("", "", r["stopped"][:60], "", ""))
+        elif key.startswith("storm"):
+            target = ">= 8,000, none refused" if r["in_flight"] == 100 else ""
+            rows.append(
+                (
+                    f"d join storm {r['clients']:,}, {r['in_flight']} in flight",
+                    "joins/s (refused/reset)",
+                    f"{r['joins_per_s']:,} ({r['refused_or_reset_total']})",
+                    target,
+                    _cpu(r),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cpu(r: dict[str, Any]) -> str:
+    return (
+        f"{r['saturated']} (chatd {r['daemon_cpu']:.0%}, gen {r['generator_cpu']:.0%}, "
+        f"other {r['other_cpu']:.0%})"
+    )
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one round of each scenario")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per scenario (default 5)")
+    p.add_argument("--scenarios", default="abcd", help="which scenarios to run (default abcd)")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds measured per round")
+    p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
+    p.add_argument("--window", type=int, default=32, help="messages a sender may have in flight")
+    p.add_argument("--capacity", type=int, default=10000, help="clients in scenario c")
+    p.add_argument("--storm", type=int, default=2000, help="clients in scenario d")
+    p.add_argument("--step-limit", type=float, default=60.0, help="seconds allowed per step")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="sample chatd with py-spy (pip install -e '.[bench]') during each\n"
+        "scenario's measurement; collapsed stacks go to DIR/<scenario>.txt",
+    )
+    p.add_argument("--out", help="JSON file (default bench/results/<time>-<commit>.json)")
+    args = p.parse_args(argv)
+    rounds = 1 if args.quick else args.rounds
+    if args.profile:
+        Daemon.profile_dir = Path(args.profile)
+        Daemon.profile_dir.mkdir(parents=True, exist_ok=True)
+    cores = sorted(os.sched_getaffinity(0))
+    args.daemon_cpu = cores[0] if len(cores) > 1 else None
+    if len(cores) > 1:
+        os.sched_setaffinity(0, {cores[1]})
+    nofile = raise_nofile()
+    if nofile < args.capacity + 100:
+        print(f"warning: only {nofile} descriptors; capacity will fail", file=sys.stderr)
+    res: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "rounds": rounds,
+        "pinning": (
+            f"chatd on cpu {cores[0]} (taskset), generator on cpu {cores[1]}"
+            if len(cores) > 1
+            else "one core: no pinning"
+        ),
+        "chatd_config": "defaults (log level info, JSON, message text logged) except "
+        "listen 127.0.0.1:0, max_clients 11000, flood.exempt [127.0.0.1]; "
+        "stdout read and discarded",
+        "note": "other work on this machine may share its cores: figures are medians over rounds",
+        "scenarios": {},
+    }
+    plan: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
+    if "a" in args.scenarios:
+        plan.append(("a", "fanout_100", lambda: fanout(args, 100, rounds)))
+        plan.append(("a", "fanout_1000", lambda: fanout(args, 1000, rounds)))
+    if "b" in args.scenarios:
+        plan.append(("b", "latency", lambda: latency(args, rounds)))
+    if "c" in args.scenarios:
+        plan.append(("c", "capacity", lambda: capacity(args, 1 if args.quick else 2)))
+    if "d" in args.scenarios:
+        plan.append(("d", "storm_10", lambda: join_storm(args, 10, rounds)))
+        plan.append(("d", "storm_100", lambda: join_storm(args, 100, rounds)))
+    failed = False
+    for _letter, key, run in plan:
+        print(f"== {key}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            res["scenarios"][key] = run()
+        except BenchError as e:
+            print(f"  {key} failed: {e}", file=sys.stderr)
+            res["scenarios"][key] = {"error": str(e)}
+            failed = True
+            continue
+        shown = {k: v for k, v in res["scenarios"][key].items() if k not in ("rounds", "steps")}
+        print(f"  {time.monotonic() - t0:.1f} s: {shown}", file=sys.stderr, flush=True)
+    out = Path(args.out) if args.out else None
+    if out is None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        out = RESULTS / f"{stamp}-{res['machine']['commit']}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    ok = {k: v for k, v in res["scenarios"].items() if "error" not in v}
+    print(table({"scenarios": ok}))
+    for key, v in res["scenarios"].items():
+        if "error" in v:
+            print(f"{key}: FAILED: {v['error']}")
+    m = res["machine"]
+    print(
+        f"\n{res['date']}  {m['cpu_model']}, {m['cores']} cores, Python {m['python']}, "
+        f"commit {m['commit']}; {res['pinning']}; rounds: {rounds} (medians)"
+    )
+    print(f"chatd config: {res['chatd_config']}")
+    print(f"results: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
