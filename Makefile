@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-all lint fmt clean bench bench-quick bench-profile
+.PHONY: run test test-all lint fmt clean bench bench-quick bench-profile install uninstall test-system
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,78 @@ lint: $(STAMP)
 fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Install for the whole system: `sudo make install` (PREFIX=/usr/local) or a
+# package build with DESTDIR.  The chatd package goes to a private directory,
+# LIBDIR/chatd, with its dependencies installed there by pip (PIP_ARGS passes
+# options, say --no-index --find-links DIR; INSTALL_DEPS=no leaves them to the
+# system's packages: python3-yaml, python3-structlog, python3-daemon).
+# Small wrappers in BINDIR run the commands with INSTALL_PYTHON.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+MANDIR ?= $(PREFIX)/share/man
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+INSTALL_PYTHON ?= /usr/bin/python3
+INSTALL_DEPS ?= yes
+PIP_ARGS ?=
+PKGDIR := $(LIBDIR)/chatd
+# name:module:function for each command in pyproject.toml's [project.scripts]
+SCRIPTS := $(shell sed -n '/^\[project.scripts\]/,/^\[/s/^\([a-z][a-z-]*\) *= *"\([a-z_.]*\):\([a-z_]*\)"/\1:\2:\3/p' pyproject.toml)
+MAN_PAGES := $(wildcard man/*.[1-8])
+UNITS := systemd/chatd.service systemd/chatd.socket
+
+install:
+	test -x $(INSTALL_PYTHON) || { echo "make install: no $(INSTALL_PYTHON); set INSTALL_PYTHON" >&2; exit 1; }
+	rm -rf '$(DESTDIR)$(PKGDIR)'
+	install -d '$(DESTDIR)$(PKGDIR)/chatd'
+	install -m 0644 chatd/*.py '$(DESTDIR)$(PKGDIR)/chatd/'
+ifeq ($(INSTALL_DEPS),yes)
+	rm -rf build/install-venv
+	mkdir -p build
+	$(INSTALL_PYTHON) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > build/requirements.txt
+	$(INSTALL_PYTHON) -m venv build/install-venv
+	build/install-venv/bin/python -m pip install --quiet --disable-pip-version-check \
+		--no-compile --target '$(DESTDIR)$(PKGDIR)' $(PIP_ARGS) -r build/requirements.txt
+	rm -rf '$(DESTDIR)$(PKGDIR)/bin' build/install-venv
+endif
+	$(INSTALL_PYTHON) -m compileall -q $(if $(DESTDIR),-s '$(DESTDIR)' -p /) '$(DESTDIR)$(PKGDIR)'
+	install -d '$(DESTDIR)$(BINDIR)'
+	for s in $(SCRIPTS); do \
+		name=$${s%%:*}; rest=$${s#*:}; module=$${rest%%:*}; func=$${rest#*:}; \
+		printf '#!%s -I\n# %s, installed by make install\nimport sys\n\nsys.path.insert(0, "%s")\nfrom %s import %s\n\nsys.exit(%s())\n' \
+			'$(INSTALL_PYTHON)' "$$name" '$(PKGDIR)' "$$module" "$$func" "$$func" > '$(DESTDIR)$(BINDIR)'/"$$name"; \
+		chmod 0755 '$(DESTDIR)$(BINDIR)'/"$$name"; \
+	done
+	install -d '$(DESTDIR)$(UNITDIR)'
+	for u in $(UNITS); do \
+		sed 's|@BINDIR@|$(BINDIR)|g' "$$u" > '$(DESTDIR)$(UNITDIR)'/"$${u##*/}"; \
+		chmod 0644 '$(DESTDIR)$(UNITDIR)'/"$${u##*/}"; \
+	done
+	for m in $(MAN_PAGES); do \
+		install -D -m 0644 "$$m" '$(DESTDIR)$(MANDIR)'/man"$${m##*.}"/"$${m##*/}"; \
+	done
+	if [ -e '$(DESTDIR)$(SYSCONFDIR)/chatd/chatd.yaml' ]; then \
+		echo "kept the existing $(SYSCONFDIR)/chatd/chatd.yaml"; \
+	else \
+		install -D -m 0644 etc/chatd.yaml '$(DESTDIR)$(SYSCONFDIR)/chatd/chatd.yaml'; \
+	fi
+	@echo "installed chatd in $(DESTDIR)$(PREFIX); next: systemctl daemon-reload && systemctl enable --now chatd"
+
+# Removes what install put there; the config only if it is unchanged.
+uninstall:
+	rm -rf '$(DESTDIR)$(PKGDIR)'
+	for s in $(SCRIPTS); do rm -f '$(DESTDIR)$(BINDIR)'/"$${s%%:*}"; done
+	for u in $(UNITS); do rm -f '$(DESTDIR)$(UNITDIR)'/"$${u##*/}"; done
+	for m in $(MAN_PAGES); do rm -f '$(DESTDIR)$(MANDIR)'/man"$${m##*.}"/"$${m##*/}"; done
+	if cmp -s etc/chatd.yaml '$(DESTDIR)$(SYSCONFDIR)/chatd/chatd.yaml'; then \
+		rm -f '$(DESTDIR)$(SYSCONFDIR)/chatd/chatd.yaml'; \
+		rmdir '$(DESTDIR)$(SYSCONFDIR)/chatd' 2>/dev/null || true; \
+	elif [ -e '$(DESTDIR)$(SYSCONFDIR)/chatd/chatd.yaml' ]; then \
+		echo "kept $(SYSCONFDIR)/chatd/chatd.yaml: it was changed"; \
+	fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
