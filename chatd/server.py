@@ -570,6 +570,8 @@ class Server:
             return
         self._stopping = True
         self._stop_deadline = time.monotonic() + self.config.shutdown_grace
+        # Wake the loop at the deadline even if no other timer is due by then.
+        self.call_at(self._stop_deadline, _ignore_timer)
         self.notifier.notify("STOPPING=1", "STATUS=shutting down")
         self.log.info(
             "shutdown_begin", signal=why, users=len(self.room), connections=len(self.conns)
@@ -686,6 +688,10 @@ class Server:
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:
+    pass
+
+
+def _ignore_timer(arg: Any) -> None:
     pass
 
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,10 @@ def test_shutdown_does_not_wait_past_the_grace_time_for_a_stuck_client(
     assert daemon.stop() == 0
     assert time.monotonic() - t0 < 5
     stuck.close()
+    # Measured by the daemon's clock: the grace time, not a later timer (2 s).
+    begin = datetime.fromisoformat(daemon.wait_for("shutdown_begin")["timestamp"])
+    end = datetime.fromisoformat(daemon.wait_for("shutdown")["timestamp"])
+    assert 0.4 < (end - begin).total_seconds() < 1.5
 
 
 def test_port_in_use_is_a_one_line_error(daemon: Daemon, tmp_path: Path) -> None:
