@@ -11,8 +11,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
 	touch $(STAMP)
 
+# The control socket and the bans go under .run/ (created by chatd), so `make run` works
+# as root and as an ordinary user where /run/chatd and /var/lib/chatd do not exist or are
+# not writable.  Talk to it with: .venv/bin/chatctl --socket .run/admin.sock list
 run: $(STAMP)
-	$(BIN)/chatd --config etc/chatd.yaml
+	$(BIN)/chatd --config etc/chatd.yaml \
+		--control-socket .run/admin.sock --state-file .run/state.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -115,5 +119,5 @@ uninstall:
 	fi
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .run build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

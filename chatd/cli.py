@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from chatd import __version__, config, systemd
 from chatd.server import Server, StartupError
@@ -40,6 +41,16 @@ def parser() -> argparse.ArgumentParser:
         help="with --daemon: pidfile, locked while chatd runs and removed at exit "
         "(default: /run/chatd.pid)",
     )
+    p.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="serve the admin control socket at PATH (overrides control.socket)",
+    )
+    p.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="keep bans in PATH (overrides state_file)",
+    )
     p.add_argument("--version", action="version", version=f"chatd {__version__}")
     return p
 
@@ -53,6 +64,12 @@ def load_config(path: str | None) -> tuple[config.Config, str | None]:
     return config.defaults(), None
 
 
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings given on the command line, as dotted keys (paths made absolute)."""
+    given = {"control.socket": args.control_socket, "state_file": args.state_file}
+    return {key: os.path.abspath(value) for key, value in given.items() if value}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -60,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--pidfile needs --daemon")
     try:
         cfg, path = load_config(args.config)
+        cfg = config.override(cfg, overrides(args), "command line")
     except config.ConfigError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
         return 2
@@ -70,14 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         from chatd import daemon  # python-daemon is needed only here
 
         path = os.path.abspath(path) if path else None  # the daemon runs in /
-        return daemon.run(cfg, path, args.pidfile or daemon.DEFAULT_PIDFILE)
+        return daemon.run(
+            cfg, path, args.pidfile or daemon.DEFAULT_PIDFILE, overrides=overrides(args)
+        )
     try:
         sockets = systemd.listen_fds()
     except systemd.ActivationError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
         return 1
     try:
-        server = Server(cfg, path, systemd.Notifier.from_environ())
+        server = Server(cfg, path, systemd.Notifier.from_environ(), overrides=overrides(args))
     except config.ConfigError as e:  # log.file cannot be opened
         print(f"chatd: error: {e}", file=sys.stderr)
         return 1

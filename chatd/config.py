@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,40 @@ def absolute_path_or_empty(value: Any) -> str:
     return value
 
 
+def file_mode(value: Any) -> int:
+    """A permission mode given as a quoted octal string such as "0660"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            f'expected an octal mode as a quoted string such as "0660", got {value!r} '
+            "(YAML reads an unquoted 0660 as the number 432: put the mode in quotes)"
+        )
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError(f'expected an octal mode such as "0660", {_got(value)}')
+    return int(value, 8)
+
+
+def socket_path(value: Any) -> str:
+    """An absolute Unix-domain socket path ("" for none); the kernel takes 107 bytes."""
+    path = absolute_path_or_empty(value)
+    if len(os.fsencode(path)) > 107 or "\0" in path:
+        raise ValueError(f"expected a socket path of at most 107 bytes, {_got(value)}")
+    return path
+
+
+def file_path(value: Any) -> str:
+    path = absolute_path_or_empty(value)
+    if not path or "\0" in path:
+        raise ValueError(f"expected an absolute path, {_got(value)}")
+    return path
+
+
+def group_name(value: Any) -> str:
+    name = text(value)
+    if name and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?", name):
+        raise ValueError(f"expected a group name, {_got(value)}")
+    return name
+
+
 def addresses(value: Any) -> tuple[Address, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"expected a non-empty list of HOST:PORT addresses, {_got(value)}")
@@ -232,6 +268,29 @@ class FloodConfig:
     )
 
 
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = setting(
+        "/run/chatd/admin.sock",
+        socket_path,
+        'the admin control socket chatctl talks to ("" for none); its directory is created '
+        "if missing",
+        reload=False,
+    )
+    mode: int = setting(
+        "0660",
+        file_mode,
+        'permissions of the control socket, an octal string in quotes such as "0660"',
+        reload=False,
+    )
+    admin_group: str = setting(
+        "chatd-admin",
+        group_name,
+        "members of this group may use the control socket, besides root and chatd's own "
+        'user ("" for none)',
+    )
+
+
 MiB = 1024 * 1024
 
 
@@ -272,6 +331,14 @@ class Config:
     )
     flood: FloodConfig = section(FloodConfig, "flood control")  # noqa: RUF009
     log: LogConfig = section(LogConfig, "logging")  # noqa: RUF009
+    control: ControlConfig = section(ControlConfig, "the admin control socket")  # noqa: RUF009
+    state_file: str = setting(
+        "/var/lib/chatd/state.json",
+        file_path,
+        "where bans are kept across restarts (written atomically; its directory is created "
+        "if missing)",
+        reload=False,
+    )
 
     def diff(self, new: Config) -> tuple[list[str], list[str]]:
         """Return the keys that differ, split into (applied by reload, needing restart)."""
@@ -397,3 +464,28 @@ def documented_keys(cls: type = Config, prefix: str = "") -> dict[str, dict[str,
             )
             keys[prefix + f.name] = {"default": default, **f.metadata}
     return keys
+
+
+def override(config: Config, values: Mapping[str, Any], source: str) -> Config:
+    """``config`` with dotted keys set to ``values``, each checked like a YAML value."""
+    result: Config = config
+    for dotted, value in values.items():
+        result = _override(result, dotted.split("."), value, source, dotted)
+    return result
+
+
+def _override(obj: Any, parts: list[str], value: Any, source: str, key: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    f = fields.get(parts[0])
+    if f is None:
+        raise ConfigError(source, key, "unknown setting")
+    if "section" in f.metadata and len(parts) > 1:
+        new = _override(getattr(obj, f.name), parts[1:], value, source, key)
+    elif "section" in f.metadata or len(parts) > 1:
+        raise ConfigError(source, key, "unknown setting")
+    else:
+        try:
+            new = f.metadata["check"](value)
+        except ValueError as e:
+            raise ConfigError(source, key, str(e)) from None
+    return dataclasses.replace(obj, **{f.name: new})

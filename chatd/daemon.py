@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 from types import TracebackType
+from typing import Any
 
 import daemon  # type: ignore[import-untyped]
 
@@ -115,7 +116,13 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def run(cfg: Config, config_path: str | None, pidfile_path: str) -> int:
+def run(
+    cfg: Config,
+    config_path: str | None,
+    pidfile_path: str,
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> int:
     """Detach and serve; the parent returns 0 once the child is on its way."""
     if not cfg.log.file:
         print(
@@ -159,14 +166,19 @@ def run(cfg: Config, config_path: str | None, pidfile_path: str) -> int:
         print(f"chatd: error: {e}", file=sys.stderr)
         return 1
     try:
-        return _serve(cfg, config_path, sockets)
+        return _serve(cfg, config_path, sockets, overrides)
     finally:
         context.close()
 
 
-def _serve(cfg: Config, config_path: str | None, sockets: list[socket.socket]) -> int:
+def _serve(
+    cfg: Config,
+    config_path: str | None,
+    sockets: list[socket.socket],
+    overrides: dict[str, Any] | None,
+) -> int:
     try:
-        server = Server(cfg, config_path, systemd.Notifier.from_environ())
+        server = Server(cfg, config_path, systemd.Notifier.from_environ(), overrides=overrides)
     except ConfigError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
         return 1

@@ -28,6 +28,8 @@ from typing import Any
 
 from chatd import __version__, commands, log
 from chatd import config as configmod
+from chatd.admin import ControlServer
+from chatd.bans import Ban, Bans, StateError
 from chatd.config import Address, Config
 from chatd.connection import CLOSED, CLOSING, HANDSHAKE, JOINED, Connection
 from chatd.protocol import FrameTooLarge, ProtocolError
@@ -58,6 +60,9 @@ class Stats:
     rejected: dict[str, int] = field(default_factory=dict)
     evictions: int = 0
     flood_dropped: int = 0
+    kicks: int = 0
+    bytes_in: int = 0  # of closed connections; live ones keep their own counts
+    bytes_out: int = 0
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -65,10 +70,16 @@ class Stats:
 
 class Server:
     def __init__(
-        self, config: Config, config_path: str | None = None, notifier: Notifier | None = None
+        self,
+        config: Config,
+        config_path: str | None = None,
+        notifier: Notifier | None = None,
+        *,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        self.overrides = overrides or {}  # settings from the command line, kept over reloads
         self.sel = selectors.DefaultSelector()
         self.room = Room(config.header_length)
         self.conns: dict[int, Connection] = {}
@@ -93,12 +104,24 @@ class Server:
         self.flood_rate = config.flood.rate
         self.flood_burst = float(config.flood.burst)
         self._configure_logging()
+        self.bans = Bans()
+        self.control = ControlServer(self)
 
     # Start-up.
 
     def open(self, sockets: list[socket.socket] | None = None) -> None:
-        """Bind the listeners (or adopt ``sockets``) and install the signal wake-up."""
+        """Load the bans; bind the control socket and the listeners (or adopt ``sockets``).
+
+        Then install the signal wake-up.
+        """
         nofile = raise_nofile_limit()
+        try:
+            self.bans = Bans.load(self.config.state_file)
+        except StateError as e:
+            raise StartupError(str(e)) from None
+        for ban in self.bans.active(time.time()):
+            self.expire_ban_at(ban)
+        self.control.open()
         self.listeners = sockets if sockets is not None else bind_all(self.config.listen)
         for lsock in self.listeners:
             lsock.setblocking(False)
@@ -111,6 +134,8 @@ class Server:
             pid=os.getpid(),
             config=self.config_path,
             listen=[sock_address(s) for s in self.listeners],
+            control=self.control.path or None,
+            bans=len(self.bans),
             max_clients=self.config.max_clients,
             nofile=nofile,
         )
@@ -149,6 +174,7 @@ class Server:
         for lsock in self.listeners:
             self._unlisten(lsock)
         self.listeners = []
+        self.control.close()
         if self._wakeup:
             signal.set_wakeup_fd(-1)
             for s in self._wakeup:
@@ -249,6 +275,11 @@ class Server:
             if len(self.conns) - self._lingering > cfg.max_clients:
                 self.reject(conn, "server full", "the server is full, try again later")
                 continue
+            if self.bans.has_address_bans:
+                ban = self.bans.match_address(host, time.time())
+                if ban is not None:
+                    self.reject(conn, "banned", address_ban_notice(ban), ban=ban.target)
+                    continue
             if cfg.max_per_address and same_host > cfg.max_per_address:
                 self.reject(
                     conn,
@@ -325,6 +356,12 @@ class Server:
         if problem:
             self.reject(conn, "bad name", f"name rejected: {problem}", name=name)
             return
+        if self.bans:
+            ban = self.bans.match_name(name, time.time())
+            if ban is not None:
+                notice = f"name rejected: {name!r} is banned{ban.describe()}"
+                self.reject(conn, "banned", notice, name=name)
+                return
         if self.room.name_taken(name):
             self.reject(conn, "name taken", f"name rejected: {name!r} is already taken", name=name)
             return
@@ -468,11 +505,18 @@ class Server:
         self.drop(conn, "slow consumer", queued=conn.out_bytes)
 
     def drop(
-        self, conn: Connection, reason: str, *, notice: str | None = None, **fields: Any
+        self,
+        conn: Connection,
+        reason: str,
+        *,
+        notice: str | None = None,
+        announce: str | None = None,
+        **fields: Any,
     ) -> None:
         """Take ``conn`` out of the room for ``reason``, log it, and close it.
 
         With ``notice``, the connection is told why and closed once that is sent.
+        The room is told "NAME left (REASON)", or ``announce`` instead.
         """
         if conn.state is CLOSED:
             return
@@ -487,7 +531,7 @@ class Server:
             level = "warning" if reason in ("slow consumer", "internal error") else "info"
             getattr(conn.log, level)("leave", reason=reason, **fields)
             if not self._stopping:
-                self.room.notice(f"{conn.name} left ({reason})")
+                self.room.notice(announce or f"{conn.name} left ({reason})")
         else:
             conn.log.debug("disconnect", reason=reason, **fields)
         if notice is None:
@@ -542,6 +586,8 @@ class Server:
         for conn in doomed:
             if self.conns.get(conn.fd) is conn:
                 del self.conns[conn.fd]
+                self.stats.bytes_in += conn.bytes_in
+                self.stats.bytes_out += conn.bytes_out
                 with contextlib.suppress(KeyError, ValueError):
                     self.sel.unregister(conn.sock)
                 conn.sock.close()
@@ -622,6 +668,7 @@ class Server:
     def _reload(self) -> tuple[list[str], list[str]]:
         path = self.config_path
         new = configmod.load(path) if path else configmod.defaults()
+        new = configmod.override(new, self.overrides, "command line")
         applied, restart = self.config.diff(new)
         merged = self.config.merged_for_reload(new)
         configmod.check(merged, path or "<defaults>")
@@ -644,6 +691,7 @@ class Server:
         self.max_queue_bytes = cfg.max_queue_bytes
         self.flood_rate = cfg.flood.rate
         self.flood_burst = float(cfg.flood.burst)
+        self.control.resolve_group(cfg)
         if idle_changed:
             self._start_idle_sweep()
         for conn in self.conns.values():
@@ -654,6 +702,58 @@ class Server:
                 conn.decoder.max_payload = cfg.max_name_bytes
             if log_changed:
                 conn.rebind_log()
+
+    # Bans.
+
+    def save_bans(self) -> None:
+        """Write the bans to the state file; raises StateError."""
+        self._prune_bans()
+        self.bans.save(self.config.state_file)
+
+    def _prune_bans(self) -> bool:
+        gone = self.bans.prune(time.time())
+        for ban in gone:
+            self.log.info("ban_expired", kind=ban.kind, target=ban.target)
+        return bool(gone)
+
+    def expire_ban_at(self, ban: Ban) -> None:
+        """Lift ``ban`` from the state file and the log when it expires."""
+        if ban.expires is not None:
+            self.call_at(time.monotonic() + ban.expires - time.time() + 0.01, self._expire_bans)
+
+    def _expire_bans(self, _: Any) -> None:
+        if self._prune_bans():
+            try:
+                self.bans.save(self.config.state_file)
+            except StateError as e:
+                self.log.error("state_not_saved", error=str(e))
+
+    def enforce_ban(self, ban: Ban) -> list[str]:
+        """Disconnect whoever ``ban`` covers; return the names of the users among them."""
+        now = time.time()
+        gone = []
+        for conn in list(self.conns.values()):
+            if conn.state is JOINED:
+                if ban.kind == "name":
+                    hit = conn.name.casefold() == ban.target.casefold()
+                else:
+                    hit = self.bans.match_address(conn.peer_host, now) is ban
+                if hit:
+                    gone.append(conn.name)
+                    reason = f" ({ban.reason})" if ban.reason else ""
+                    self.drop(
+                        conn,
+                        "banned",
+                        notice=f"you were banned by an admin{ban.describe()}",
+                        announce=f"{conn.name} was banned{reason}",
+                    )
+            elif (
+                conn.state is HANDSHAKE
+                and ban.kind == "address"
+                and self.bans.match_address(conn.peer_host, now) is ban
+            ):
+                self.reject(conn, "banned", address_ban_notice(ban))
+        return gone
 
     # systemd.
 
@@ -685,6 +785,10 @@ class Server:
         settings = (cfg or self.config).log
         log.configure(settings, source=self.config_path or "<defaults>")
         self._log_messages = log.LEVELS[settings.level] <= log.LEVELS["info"]
+
+
+def address_ban_notice(ban: Ban) -> str:
+    return f"connection refused: your address is banned{ban.describe()}"
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:

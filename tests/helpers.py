@@ -40,7 +40,12 @@ class Daemon:
     ) -> None:
         """``prefix`` runs chatd under another program (systemd-socket-activate);
         with ``wait=False`` call ``wait_started()`` before using the daemon."""
-        cfg: dict[str, Any] = {"listen": ["127.0.0.1:0"], "log": {"format": "json"}}
+        cfg: dict[str, Any] = {
+            "listen": ["127.0.0.1:0"],
+            "log": {"format": "json"},
+            "control": {"socket": str(tmp_path / "admin.sock")},
+            "state_file": str(tmp_path / "state.json"),
+        }
         for key, value in (settings or {}).items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
                 cfg[key] = {**cfg[key], **value}
@@ -73,6 +78,7 @@ class Daemon:
         self._reader.start()
         self.listen: list[str] = []
         self.port = 0
+        self.control_path: str = cfg["control"]["socket"]
         if wait:
             self.wait_started()
 
@@ -126,6 +132,24 @@ class Daemon:
             c.join(name)
         return c
 
+    def admin(self, **kw: Any) -> Admin:
+        return Admin(self.control_path, **kw)
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Send one control request on a new connection; return the reply."""
+        with self.admin() as a:
+            return a.request({"cmd": cmd, "args": args})
+
+    def result(self, cmd: str, **args: Any) -> Any:
+        """The result of a control request that must succeed."""
+        reply = self.request(cmd, **args)
+        assert reply["ok"] is True, reply
+        return reply["result"]
+
+    def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run `chatctl --socket THIS_DAEMON'S ARGS...`."""
+        return chatctl("--socket", self.control_path, *args, timeout=timeout)
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
@@ -154,9 +178,16 @@ class Client:
     """A blocking client speaking the frame protocol, every wait bounded."""
 
     def __init__(
-        self, port: int, host: str = "127.0.0.1", header_length: int = 10, timeout: float = TIMEOUT
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        header_length: int = 10,
+        timeout: float = TIMEOUT,
+        source: str | None = None,
     ) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.hl = header_length
         self.timeout = timeout
         self.buf = b""
@@ -284,3 +315,49 @@ class Bystanders:
             slowest = max(slowest, time.monotonic() - t0)
         newcomer.close()
         return slowest
+
+
+def chatctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatd.ctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+class Admin:
+    """A raw control-socket connection: one JSON object per line."""
+
+    def __init__(self, path: str, timeout: float = TIMEOUT) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_line(self, data: bytes) -> None:
+        self.sock.sendall(data + b"\n")
+
+    def read_reply(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError(f"control connection closed; unread {self.buf!r}")
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def request(self, req: Any) -> dict[str, Any]:
+        self.send_line(json.dumps(req).encode())
+        return self.read_reply()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -73,6 +73,19 @@ def test_listen_forms(tmp_path: Path) -> None:
         ("log: {level: loud}", "F: log.level: expected one of debug, info, warning, error"),
         ("log: {messages: 1}", "F: log.messages: expected true or false, got 1"),
         ("log: [1]", "F: log: expected a mapping of settings, got [1]"),
+        (
+            "control: {mode: 0660}",
+            'F: control.mode: expected an octal mode as a quoted string such as "0660", got 432 '
+            "(YAML reads an unquoted 0660 as the number 432: put the mode in quotes)",
+        ),
+        ("control: {mode: '0668'}", 'F: control.mode: expected an octal mode such as "0660"'),
+        ("control: {mode: rw}", 'F: control.mode: expected an octal mode such as "0660"'),
+        ("control: {socket: 5}", 'F: control.socket: expected an absolute path or "", got 5'),
+        ("control: {socket: a.sock}", "F: control.socket: expected an absolute path"),
+        (f"control: {{socket: /{'x' * 107}}}", "F: control.socket: expected a socket path of at"),
+        ("control: {admin_group: 'a b'}", "F: control.admin_group: expected a group name"),
+        ("state_file: ''", "F: state_file: expected an absolute path, got ''"),
+        ("state_file: s.json", "F: state_file: expected an absolute path or \"\", got 's.json'"),
         ("listen: 1234", "F: listen: expected a non-empty list of HOST:PORT addresses"),
         ("listen: []", "F: listen: expected a non-empty list"),
         ("listen: ['1.2.3.4']", "F: listen: [0]: expected HOST:PORT, got '1.2.3.4'"),
@@ -182,3 +195,12 @@ def test_usage_error_is_exit_2() -> None:
     r = run_chatd("--bogus")
     assert r.returncode == 2
     assert "unrecognized arguments: --bogus" in r.stderr
+
+
+def test_control_modes_and_overrides(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, "control: {mode: '600', socket: ''}"))
+    assert cfg.control.mode == 0o600 and cfg.control.socket == ""
+    cfg = config.override(cfg, {"control.socket": "/x/a.sock", "state_file": "/s.json"}, "cli")
+    assert (cfg.control.socket, cfg.state_file) == ("/x/a.sock", "/s.json")
+    with pytest.raises(ConfigError, match=r"^cli: state_file: expected an absolute path, got ''$"):
+        config.override(cfg, {"state_file": ""}, "cli")

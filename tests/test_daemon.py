@@ -230,7 +230,7 @@ def test_shutdown_does_not_wait_past_the_grace_time_for_a_stuck_client(
 
 def test_port_in_use_is_a_one_line_error(daemon: Daemon, tmp_path: Path) -> None:
     cfg = tmp_path / "second.yaml"
-    cfg.write_text(f'listen: ["127.0.0.1:{daemon.port}"]\n')
+    cfg.write_text(f'listen: ["127.0.0.1:{daemon.port}"]\ncontrol: {{socket: ""}}\n')
     r = subprocess.run(
         [sys.executable, "-m", "chatd", "--config", str(cfg)],
         capture_output=True,

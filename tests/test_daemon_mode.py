@@ -49,6 +49,8 @@ class Detached:
         self.config: dict[str, Any] = {
             "listen": ["127.0.0.1:0"],
             "log": {"format": "json", "file": str(self.log_path)},
+            "control": {"socket": str(tmp_path / "admin.sock")},
+            "state_file": str(tmp_path / "state.json"),
             **(settings or {}),
         }
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -204,7 +206,11 @@ def test_log_file_in_the_foreground_is_reopened_on_reload(tmp_path: Path) -> Non
     config_path = tmp_path / "chatd.yaml"
     config_path.write_text(
         yaml.safe_dump(
-            {"listen": ["127.0.0.1:0"], "log": {"format": "json", "file": str(log_path)}}
+            {
+                "listen": ["127.0.0.1:0"],
+                "log": {"format": "json", "file": str(log_path)},
+                "control": {"socket": ""},
+            }
         )
     )
     proc = subprocess.Popen(

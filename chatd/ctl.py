@@ -1,0 +1,408 @@
+"""The `chatctl` command: manage a running chatd over its control socket.
+
+Exit status: 0 done, 1 the command failed (an unknown user, a bad ban...),
+2 usage error, 3 chatd not reachable (not running, permission denied, no
+answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import json
+import math
+import socket
+import sys
+import time
+from collections.abc import Callable, Collection
+from typing import Any, NoReturn
+
+import yaml
+
+from chatd import __version__, config
+from chatd.bans import format_duration, parse_duration
+
+DEFAULT_SOCKET = "/run/chatd/admin.sock"
+DEFAULT_GROUP = "chatd-admin"
+
+OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
+
+
+class Unreachable(Exception):
+    """chatd can't be reached; str() says what to do."""
+
+
+class Failed(Exception):
+    """The daemon answered with an error."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE, f"chatctl: error: {message}\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the daemon's result as JSON instead of text",
+    )
+    p = Parser(
+        prog="chatctl",
+        description="Manage a running chatd over its control socket.",
+        epilog="Exit status: 0 done, 1 the command failed, 2 usage error, 3 chatd not reachable.",
+        parents=[common],
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "-s",
+        "--socket",
+        metavar="PATH",
+        help=f"control socket (default: control.socket in {config.DEFAULT_PATH} "
+        f"when readable, else {DEFAULT_SOCKET})",
+    )
+    where.add_argument(
+        "-c", "--config", metavar="PATH", help="take the socket path from this chatd config"
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for chatd's answer (default: 10)",
+    )
+    p.add_argument("--version", action="version", version=f"chatctl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    cmd("list", "list the connected users")
+    c = cmd("kick", "disconnect a user, telling them and the room why")
+    c.add_argument("name", help="the user's name")
+    c.add_argument("-r", "--reason", default="", help="the reason, shown to the user and the room")
+    c = cmd("ban", "ban a user name or an IP address or network; disconnect who it covers")
+    c.add_argument("target", help="a name, an IP address or a network such as 10.0.0.0/24")
+    c.add_argument(
+        "-d",
+        "--for",
+        dest="duration",
+        type=duration,
+        metavar="DURATION",
+        help="lift the ban after DURATION (30s, 10m, 2h, 7d, 1w, 1h30m); default: never",
+    )
+    c.add_argument("-r", "--reason", default="", help="the reason, shown to whoever is refused")
+    c.add_argument(
+        "--name",
+        dest="kind",
+        action="store_const",
+        const="name",
+        help="TARGET is a name even though it looks like an address",
+    )
+    c = cmd("unban", "lift a ban")
+    c.add_argument("target", help="the banned name or address, as `chatctl bans` shows it")
+    c.add_argument(
+        "--name", dest="kind", action="store_const", const="name", help="TARGET is a name"
+    )
+    cmd("bans", "list the bans in force")
+    c = cmd("say", "send a server notice to everyone")
+    c.add_argument("text", nargs="+", help="the notice (the words are joined with spaces)")
+    cmd("stats", "show the daemon's counters")
+    cmd("reload", "re-read the config file, as SIGHUP does")
+    return p
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds, more than 0, got {text!r}")
+    return value
+
+
+def duration(text: str) -> str:
+    try:
+        parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+# Finding the socket.
+
+
+def socket_from_config(path: str, explicit: bool) -> tuple[str | None, str]:
+    """(control.socket from the config at ``path``, the admin group).
+
+    Only those keys are read, so a config chatd would refuse still names its
+    socket.  A missing or unreadable file is an error only when ``explicit``.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        if explicit:
+            why = e.strerror.lower() if isinstance(e, OSError) and e.strerror else "invalid YAML"
+            raise config.ConfigError(path, "", why) from None
+        return None, DEFAULT_GROUP
+    control = raw.get("control") if isinstance(raw, dict) else None
+    if not isinstance(control, dict):
+        return None, DEFAULT_GROUP
+    sock = control.get("socket")
+    group = control.get("admin_group", DEFAULT_GROUP)
+    return (sock if isinstance(sock, str) else None), (
+        group if isinstance(group, str) else DEFAULT_GROUP
+    )
+
+
+def control_socket(args: argparse.Namespace) -> tuple[str, str]:
+    """(socket path, admin group) for these arguments."""
+    if args.socket:
+        return args.socket, DEFAULT_GROUP
+    path = args.config or str(config.DEFAULT_PATH)
+    sock, group = socket_from_config(path, explicit=bool(args.config))
+    if sock == "":
+        where = args.config or config.DEFAULT_PATH
+        raise Unreachable(f"the control socket is turned off in {where} (control.socket is empty)")
+    return sock or DEFAULT_SOCKET, group
+
+
+# Talking to chatd.
+
+
+def request(path: str, group: str, cmd: str, args: dict[str, Any], timeout: float) -> Any:
+    """Send one request and return its result; raise Unreachable or Failed."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    denied = f"permission denied on {path}: run as root or join group {group}"
+    try:
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise Unreachable(f"chatd is not running (no socket at {path})") from None
+        except ConnectionRefusedError:
+            raise Unreachable(f"chatd is not running (nothing listens on {path})") from None
+        except PermissionError:
+            raise Unreachable(denied) from None
+        except TimeoutError:
+            raise Unreachable(f"chatd does not answer on {path} (busy?)") from None
+        except OSError as e:
+            raise Unreachable(
+                f"cannot connect to {path}: {(e.strerror or str(e)).lower()}"
+            ) from None
+        try:
+            sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            line = _read_line(sock)
+        except TimeoutError:
+            raise Unreachable(f"chatd did not answer within {timeout:g} s on {path}") from None
+        except OSError as e:
+            raise Unreachable(f"lost the connection to chatd on {path}: {e.strerror}") from None
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(line)
+        ok = reply["ok"]
+    except (ValueError, TypeError, KeyError):
+        raise Unreachable(f"not a chatd control socket: {path} answered {line[:80]!r}") from None
+    if ok is True:
+        return reply.get("result")
+    if reply.get("code") == "permission_denied":
+        raise Unreachable(denied)
+    raise Failed(str(reply.get("error", "the command failed")))
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+        if b"\n" in data:
+            break
+    line = b"".join(chunks)
+    if not line:
+        raise ConnectionAbortedError(0, "chatd closed the connection without answering")
+    return line.split(b"\n", 1)[0]
+
+
+# Formatting for humans.
+
+
+def table(rows: list[list[str]], header: list[str], right: Collection[int] = ()) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            str(v).rjust(w) if i in right else str(v).ljust(w)
+            for i, (v, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def local_time(stamp: str | None) -> str:
+    """An ISO 8601 UTC time from the daemon, in the local time zone."""
+    if not stamp:
+        return "never"
+    t = time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(calendar.timegm(t)))
+
+
+def show_list(result: Any) -> str:
+    users = result["users"]
+    if not users:
+        return "no users online"
+    rows = [
+        [
+            u["name"],
+            u["peer"],
+            local_time(u["since"]),
+            format_duration(u["idle"]),
+            str(u["messages"]),
+            str(u["queued"]),
+        ]
+        for u in users
+    ]
+    header = ["NAME", "ADDRESS", "CONNECTED SINCE", "IDLE", "MESSAGES", "QUEUED"]
+    n = len(users)
+    return table(rows, header, right={3, 4, 5}) + f"\n{n} user{'s' if n != 1 else ''} online"
+
+
+def show_kick(result: Any) -> str:
+    reason = f" ({result['reason']})" if result["reason"] else ""
+    return f"kicked {result['kicked']}{reason}"
+
+
+def _ban_line(ban: Any) -> str:
+    until = f"until {local_time(ban['expires'])}" if ban["expires"] else "until lifted"
+    reason = f": {ban['reason']}" if ban["reason"] else ""
+    return f"{ban['kind']} {ban['target']} {until}{reason}"
+
+
+def show_ban(result: Any) -> str:
+    lines = [("updated ban: " if result["replaced"] else "banned ") + _ban_line(result["ban"])]
+    if result["disconnected"]:
+        lines.append("disconnected: " + ", ".join(result["disconnected"]))
+    return "\n".join(lines)
+
+
+def show_unban(result: Any) -> str:
+    ban = result["unbanned"]
+    return f"lifted the ban on {ban['kind']} {ban['target']}"
+
+
+def show_bans(result: Any) -> str:
+    bans = result["bans"]
+    if not bans:
+        return "no bans"
+    rows = [
+        [
+            b["target"],
+            b["kind"],
+            local_time(b["expires"]) if b["expires"] else "never",
+            format_duration(b["remaining"]) if b["remaining"] is not None else "-",
+            local_time(b["created"]),
+            str(b["by"]),
+            b["reason"],
+        ]
+        for b in bans
+    ]
+    header = ["TARGET", "KIND", "EXPIRES", "LEFT", "SINCE", "BY UID", "REASON"]
+    return table(rows, header, right={3, 5})
+
+
+def show_say(result: Any) -> str:
+    n = result["recipients"]
+    return f"notice sent to {n} user{'s' if n != 1 else ''}"
+
+
+def show_stats(result: Any) -> str:
+    rejected = ", ".join(f"{k} {v}" for k, v in result["rejected"].items()) or "none"
+    rows = [
+        ("uptime", f"{format_duration(result['uptime'])} (since {local_time(result['started'])})"),
+        ("users", f"{result['users']} (peak {result['peak_users']})"),
+        ("connections", f"{result['connections']} now, {result['connections_total']} in all"),
+        ("messages received", result["messages"]),
+        ("deliveries", result["deliveries"]),
+        ("bytes in", result["bytes_in"]),
+        ("bytes out", result["bytes_out"]),
+        ("rejected", rejected),
+        ("evictions", result["evictions"]),
+        ("kicks", result["kicks"]),
+        ("bans", result["bans"]),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    return "\n".join(f"{k + ':':<{width}} {v}" for k, v in rows)
+
+
+def show_reload(result: Any) -> str:
+    applied, restart = result["applied"], result["needs_restart"]
+    if not applied and not restart:
+        return "reloaded: nothing changed"
+    lines = ["reloaded"]
+    if applied:
+        lines.append("applied: " + ", ".join(applied))
+    if restart:
+        lines.append("needs a restart: " + ", ".join(restart))
+    return "\n".join(lines)
+
+
+SHOW: dict[str, Callable[[Any], str]] = {
+    "list": show_list,
+    "kick": show_kick,
+    "ban": show_ban,
+    "unban": show_unban,
+    "bans": show_bans,
+    "say": show_say,
+    "stats": show_stats,
+    "reload": show_reload,
+}
+
+
+def arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The request arguments of a parsed command line."""
+    cmd = args.command
+    if cmd == "kick":
+        return {"name": args.name, **({"reason": args.reason} if args.reason else {})}
+    if cmd == "ban":
+        out: dict[str, Any] = {"target": args.target}
+        for key in ("duration", "reason", "kind"):
+            if getattr(args, key):
+                out[key] = getattr(args, key)
+        return out
+    if cmd == "unban":
+        return {"target": args.target, **({"kind": args.kind} if args.kind else {})}
+    if cmd == "say":
+        return {"text": " ".join(args.text)}
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        path, group = control_socket(args)
+        result = request(path, group, args.command, arguments(args), args.timeout)
+    except config.ConfigError as e:
+        print(f"chatctl: error: {e}", file=sys.stderr)
+        return USAGE
+    except Unreachable as e:
+        print(f"chatctl: {e}", file=sys.stderr)
+        return UNREACHABLE
+    except Failed as e:
+        print(f"chatctl: {args.command}: {e}", file=sys.stderr)
+        return FAILED
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    else:
+        print(SHOW[args.command](result))
+    return OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

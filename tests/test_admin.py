@@ -1,0 +1,562 @@
+"""The control socket and chatctl against the real daemon: commands, access, lifecycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import NOTICE, ROOT, Admin, Client, Daemon, chatctl
+
+from chatd import ctl
+
+NOBODY = 65534
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+
+
+def rewrite_config(d: Daemon, **changes: Any) -> None:
+    d.config_path.write_text(yaml.safe_dump({**d.config, **changes}))
+
+
+# list
+
+
+def test_list_as_a_table_and_as_json(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    bob = daemon.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    alice.send("one")
+    alice.send("two")
+    bob.expect("alice", "one")
+    bob.expect("alice", "two")
+
+    r = daemon.ctl("list")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == [
+        "NAME",
+        "ADDRESS",
+        "CONNECTED",
+        "SINCE",
+        "IDLE",
+        "MESSAGES",
+        "QUEUED",
+    ]
+    assert lines[1].split()[0] == "alice" and lines[1].split()[-2:] == ["2", "0"]
+    assert lines[2].split()[0] == "bob" and lines[2].split()[-2:] == ["0", "0"]
+    assert lines[1].split()[1].startswith("127.0.0.1:")
+    assert lines[3] == "2 users online"
+    # Columns are aligned: every row puts ADDRESS at the same offset.
+    assert len({line.index("127.0.0.1") for line in lines[1:3]}) == 1
+
+    for args in (["list", "--json"], ["--json", "list"]):
+        r = daemon.ctl(*args)
+        assert r.returncode == 0, r.stderr
+        users = json.loads(r.stdout)["users"]
+        assert [u["name"] for u in users] == ["alice", "bob"]
+        assert users[0]["messages"] == 2 and users[1]["messages"] == 0
+        assert users[0]["peer"] == f"127.0.0.1:{alice.sock.getsockname()[1]}"
+        assert users[0]["since"].endswith("Z") and users[0]["queued"] == 0
+        assert 0 <= users[1]["idle"] < 60
+
+
+def test_list_with_nobody_online(daemon: Daemon) -> None:
+    r = daemon.ctl("list")
+    assert (r.returncode, r.stdout) == (0, "no users online\n")
+    assert daemon.result("list") == {"users": []}
+
+
+# kick
+
+
+def test_kick_as_seen_by_the_user_and_the_room(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    bob = daemon.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    r = daemon.ctl("kick", "bob", "--reason", "flooding the room")
+    assert (r.returncode, r.stdout) == (0, "kicked bob (flooding the room)\n"), r.stderr
+    assert bob.expect_closed() == [(NOTICE, "you were kicked by an admin: flooding the room")]
+    alice.expect(NOTICE, "bob was kicked (flooding the room)")
+    alice.expect_nothing()
+    daemon.wait_for("kick", user="bob", reason="flooding the room", admin_uid=os.geteuid())
+    daemon.wait_for("leave", user="bob", reason="kicked")
+    assert daemon.result("stats")["kicks"] == 1
+
+
+def test_kick_without_a_reason_and_in_json(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    bob = daemon.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    r = daemon.ctl("kick", "BOB", "--json")  # names match without regard to case
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"kicked": "bob", "reason": ""}
+    assert bob.expect_closed() == [(NOTICE, "you were kicked by an admin")]
+    alice.expect(NOTICE, "bob was kicked")
+
+
+def test_kick_of_an_unknown_user_fails_with_exit_1(daemon: Daemon) -> None:
+    r = daemon.ctl("kick", "zed")
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr == "chatctl: kick: no user named 'zed' is online\n"
+
+
+# say
+
+
+def test_say_reaches_everyone(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    bob = daemon.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    r = daemon.ctl("say", "restart", "at", "noon")
+    assert (r.returncode, r.stdout) == (0, "notice sent to 2 users\n"), r.stderr
+    alice.expect(NOTICE, "restart at noon")
+    bob.expect(NOTICE, "restart at noon")
+    assert daemon.ctl("--json", "say", "again").stdout.strip() == '{\n  "recipients": 2\n}'
+    daemon.wait_for("say", text="restart at noon")
+
+
+def test_say_refuses_control_characters_and_empty_text(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    reply = daemon.request("say", text="line one\nline two")
+    assert reply["ok"] is False and reply["code"] == "bad_request"
+    assert "control characters" in reply["error"]
+    r = daemon.ctl("say", "  ")
+    assert (r.returncode, r.stderr) == (1, "chatctl: say: say: text is empty\n")
+    alice.expect_nothing()
+
+
+# stats
+
+
+def test_stats_counts_what_happened(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    bob = daemon.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    impostor = Client(daemon.port)
+    impostor.send("Alice")
+    assert impostor.expect_closed()[0][1].startswith("name rejected")
+    alice.send("hello")
+    bob.expect("alice", "hello")
+    bob.close()
+    alice.expect(NOTICE, "bob left (quit)")
+
+    st = daemon.result("stats")
+    assert st["users"] == 1 and st["peak_users"] == 2
+    assert st["messages"] == 1
+    # welcome x2, "bob joined", "hello", "bob left": five frame pairs handed out.
+    assert st["deliveries"] == 5
+    assert st["rejected"] == {"name taken": 1}
+    assert st["connections_total"] == 3
+    assert st["evictions"] == 0 and st["kicks"] == 0 and st["bans"] == 0
+    sent_in = len(b"".join(_frames("alice", "hello", "bob", "Alice")))
+    assert st["bytes_in"] == sent_in
+    assert st["bytes_out"] > 0 and 0 <= st["uptime"] < 120 and st["started"].endswith("Z")
+
+    r = daemon.ctl("stats")
+    assert r.returncode == 0, r.stderr
+    text = dict(line.split(":", 1) for line in r.stdout.splitlines())
+    assert text["users"].strip() == "1 (peak 2)"
+    assert text["messages received"].strip() == "1"
+    assert text["rejected"].strip() == "name taken 1"
+    assert text["bytes in"].strip() == str(sent_in)
+    assert json.loads(daemon.ctl("stats", "--json").stdout).keys() == st.keys()
+
+
+def _frames(*texts: str) -> list[bytes]:
+    from helpers import frame
+
+    return [frame(t) for t in texts]
+
+
+# reload
+
+
+def test_reload_reports_what_applied_and_what_needs_a_restart(daemon: Daemon) -> None:
+    r = daemon.ctl("reload")
+    assert (r.returncode, r.stdout) == (0, "reloaded: nothing changed\n"), r.stderr
+    rewrite_config(daemon, max_message_bytes=10, listen=["127.0.0.1:1"])
+    r = daemon.ctl("reload")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "reloaded\napplied: max_message_bytes\nneeds a restart: listen\n"
+    alice = daemon.client("alice")
+    alice.send("x" * 11)  # the new limit is in force
+    assert alice.expect_closed()[0][1].startswith("protocol error")
+    rewrite_config(daemon, max_message_bytes=20)
+    assert daemon.result("reload") == {"applied": ["max_message_bytes"], "needs_restart": []}
+
+
+def test_paths_from_the_command_line_hold_across_reloads(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    path = tmp_path / "cli.sock"
+    state = tmp_path / "cli.json"
+    d = start(args=["--control-socket", str(path), "--state-file", str(state)])
+    assert not Path(d.control_path).exists()
+    with Admin(str(path)) as a:
+        assert a.request({"cmd": "ban", "args": {"target": "eve"}})["ok"] is True
+        reply = a.request({"cmd": "reload"})
+    assert reply["result"] == {"applied": [], "needs_restart": []}
+    assert json.loads(state.read_text())["bans"][0]["target"] == "eve"
+
+
+def test_reload_of_an_invalid_config_keeps_the_old_one(daemon: Daemon) -> None:
+    rewrite_config(daemon, max_clients="many")
+    r = daemon.ctl("reload")
+    assert r.returncode == 1
+    assert r.stderr == (
+        f"chatctl: reload: reload failed, the old config stays: {daemon.config_path}: "
+        "max_clients: expected an integer 1-1000000, got 'many'\n"
+    )
+    daemon.wait_for("reload_failed")
+    daemon.client("alice")
+
+
+# The protocol
+
+
+def test_malformed_and_unknown_requests_get_errors(daemon: Daemon) -> None:
+    cases: list[tuple[bytes, str, str]] = [
+        (b"not json", "bad_request", "malformed request: expected one JSON object per line"),
+        (b"[1, 2]", "bad_request", 'malformed request: expected a JSON object {"cmd": ...}'),
+        (b'{"args": {}}', "bad_request", 'malformed request: "cmd" must be a command name'),
+        (b'{"cmd": 5}', "bad_request", 'malformed request: "cmd" must be a command name'),
+        (b'{"cmd": "list", "x": 1}', "bad_request", "unknown request field 'x'"),
+        (b'{"cmd": "reboot"}', "unknown_command", "unknown command 'reboot' (commands: ban, "),
+        (b'{"cmd": "list", "args": []}', "bad_request", 'list: "args" must be a JSON object'),
+        (b'{"cmd": "kick", "args": {}}', "bad_request", "kick: missing argument 'name'"),
+        (b'{"cmd": "kick", "args": {"name": 1}}', "bad_request", "kick: argument 'name' must be"),
+        (
+            b'{"cmd": "kick", "args": {"name": "a", "why": "b"}}',
+            "bad_request",
+            "kick: unknown argument 'why' (arguments: name, reason)",
+        ),
+        (b'{"cmd": "say", "args": {"text": true}}', "bad_request", "say: argument 'text' must"),
+        (b"\xff\xfe", "bad_request", "malformed request"),
+    ]
+    with daemon.admin() as a:
+        for line, code, error in cases:
+            a.send_line(line)
+            reply = a.read_reply()
+            assert reply["ok"] is False, (line, reply)
+            assert reply["code"] == code, (line, reply)
+            assert reply["error"].startswith(error), (line, reply)
+        # The connection still serves, and the daemon still chats.
+        assert a.request({"cmd": "list"}) == {"ok": True, "result": {"users": []}}
+    daemon.client("alice")
+
+
+def test_requests_in_one_write_ids_blank_lines_and_a_last_line_without_newline(
+    daemon: Daemon,
+) -> None:
+    with daemon.admin() as a:
+        a.sock.sendall(
+            b'{"cmd": "list", "id": 7}\n\n  \n{"cmd": "nope", "id": "x"}\n{"cmd": "stats"}'
+        )
+        a.sock.shutdown(socket.SHUT_WR)
+        assert a.read_reply() == {"ok": True, "result": {"users": []}, "id": 7}
+        second = a.read_reply()
+        assert (second["ok"], second["id"]) == (False, "x")
+        assert a.read_reply()["result"]["users"] == 0
+        assert a.sock.recv(10) == b""  # then the daemon closes
+
+
+def test_an_overlong_request_line_is_refused(daemon: Daemon) -> None:
+    with daemon.admin() as a:
+        a.sock.sendall(b"x" * 70000)
+        reply = a.read_reply()
+        assert reply == {
+            "ok": False,
+            "error": "request too long (at most 65536 bytes a line)",
+            "code": "bad_request",
+        }
+    daemon.client("alice")
+
+
+def test_silent_and_non_reading_admins_do_not_stall_the_chat(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    bob = daemon.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    silent = daemon.admin()
+    greedy = daemon.admin()
+    greedy.sock.setblocking(False)
+    request = b'{"cmd": "list"}\n' * 1000
+    sent = 0
+    deadline = time.monotonic() + 10
+    stuck_since = None
+    # Send requests and never read the replies, until the daemon stops taking them.
+    while time.monotonic() < deadline:
+        try:
+            sent += greedy.sock.send(request)
+            stuck_since = None
+        except BlockingIOError:
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > 1.0:
+                break
+            time.sleep(0.01)
+    assert stuck_since is not None, "the daemon kept reading requests it could not answer"
+    assert sent > 256 * 1024
+    # Meanwhile the chat flows both ways and other admins are served.
+    for i in range(50):
+        alice.send(f"ping {i}")
+        bob.expect("alice", f"ping {i}", timeout=2)
+        bob.send(f"pong {i}")
+        alice.expect("bob", f"pong {i}", timeout=2)
+    assert daemon.result("stats")["messages"] == 100
+    assert daemon.ctl("list").returncode == 0
+    silent.close()
+    greedy.close()
+    assert daemon.result("list")["users"][0]["name"] == "alice"
+
+
+# Access
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory an unprivileged user can reach (pytest's tmp_path is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="chatd-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def as_user(
+    fn: Callable[[], int], uid: int = NOBODY, gid: int = NOBODY, groups: tuple[int, ...] = ()
+) -> tuple[int, str]:
+    """Run ``fn`` in a child process switched to ``uid``; return (exit status, its output)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        rc = 99
+        try:
+            os.close(r)
+            out = os.fdopen(w, "w")
+            sys.stdout = sys.stderr = out
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            rc = fn()
+            out.flush()
+        except BaseException as e:
+            os.write(w, f"child failed: {e!r}".encode())
+        finally:
+            os._exit(rc)
+    os.close(w)
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while data := f.read(65536):  # the child's sockets have timeouts, so this ends
+            chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode()
+
+
+def raw_list(path: str) -> Callable[[], int]:
+    def fn() -> int:
+        with Admin(path) as a:
+            print(json.dumps(a.request({"cmd": "list"})))
+        return 0
+
+    return fn
+
+
+@root_only
+def test_unauthorized_peer_is_refused_by_its_credentials(
+    start: Callable[..., Daemon], public_dir: Path
+) -> None:
+    path = str(public_dir / "admin.sock")
+    d = start({"control": {"socket": path, "mode": "0666"}})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666  # the mode lets it connect...
+    rc, out = as_user(raw_list(path))
+    assert rc == 0, out
+    assert json.loads(out) == {  # ...and SO_PEERCRED refuses it
+        "ok": False,
+        "error": "permission denied: run as root or join group chatd-admin",
+        "code": "permission_denied",
+    }
+    d.wait_for("control_denied", uid=NOBODY, gid=NOBODY)
+
+    rc, out = as_user(lambda: ctl.main(["--socket", path, "list"]))
+    assert rc == 3
+    assert out == f"chatctl: permission denied on {path}: run as root or join group chatd-admin\n"
+    assert d.result("list") == {"users": []}  # root still may
+
+
+@root_only
+def test_members_of_the_admin_group_are_allowed(
+    start: Callable[..., Daemon], public_dir: Path
+) -> None:
+    path = str(public_dir / "admin.sock")
+    start({"control": {"socket": path, "mode": "0666", "admin_group": "nogroup"}})
+    nogroup = 65534
+    # By its primary group...
+    _, out = as_user(raw_list(path), gid=nogroup)
+    assert json.loads(out)["ok"] is True, out
+    # ...or a supplementary one.
+    _, out = as_user(raw_list(path), gid=12345, groups=(nogroup,))
+    assert json.loads(out)["ok"] is True, out
+    _, out = as_user(raw_list(path), gid=12345)
+    assert json.loads(out)["code"] == "permission_denied", out
+
+
+@root_only
+def test_the_socket_mode_keeps_others_out(start: Callable[..., Daemon], public_dir: Path) -> None:
+    path = str(public_dir / "admin.sock")
+    start({"control": {"socket": path, "admin_group": ""}})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    rc, out = as_user(lambda: ctl.main(["--socket", path, "stats"]))
+    assert rc == 3
+    assert out == f"chatctl: permission denied on {path}: run as root or join group chatd-admin\n"
+
+
+# The socket's life
+
+
+def test_socket_created_with_its_mode_and_directory_then_removed(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    path = tmp_path / "run" / "chatd" / "admin.sock"
+    d = start({"control": {"socket": str(path), "mode": "0640"}})
+    assert stat.S_ISSOCK(path.lstat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    d.wait_for("control_directory_created", directory=str(path.parent))
+    assert d.stop() == 0
+    assert not path.exists()
+
+
+def test_a_second_daemon_is_refused_on_a_live_socket(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    first = start()
+    cfg = tmp_path / "second.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "listen": ["127.0.0.1:0"],
+                "control": {"socket": first.control_path},
+                "state_file": str(tmp_path / "second.json"),
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "chatd", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert r.returncode == 1
+    assert r.stderr == (
+        f"chatd: error: control socket {first.control_path} is live: another chatd is running\n"
+    )
+    assert first.result("list") == {"users": []}  # the first keeps its socket
+
+
+def test_a_stale_socket_is_replaced(start: Callable[..., Daemon], tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))  # as a crashed daemon leaves it: the file, nobody listening
+    dead.close()
+    r = chatctl("--socket", str(path), "list")
+    assert (r.returncode, r.stderr) == (
+        3,
+        f"chatctl: chatd is not running (nothing listens on {path})\n",
+    )
+    d = start({"control": {"socket": str(path)}})
+    d.wait_for("control_stale_replaced", path=str(path))
+    assert d.result("list") == {"users": []}
+
+
+def test_a_file_in_the_way_is_not_removed(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    path.write_text("precious")
+    cfg = tmp_path / "chatd.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": ["127.0.0.1:0"], "control": {"socket": str(path)}}))
+    r = subprocess.run(
+        [sys.executable, "-m", "chatd", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert (r.returncode, r.stderr) == (
+        1,
+        f"chatd: error: cannot create control socket {path}: a file that is not a socket\n",
+    )
+    assert path.read_text() == "precious"
+
+
+def test_an_empty_socket_path_turns_the_control_socket_off(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    d = start({"control": {"socket": ""}})
+    assert d.wait_for("startup")["control"] is None
+    assert list((tmp_path / "d0").glob("*.sock")) == []
+    cfg = tmp_path / "off.yaml"
+    cfg.write_text("control: {socket: ''}\n")
+    r = chatctl("--config", str(cfg), "list")
+    assert (r.returncode, r.stderr) == (
+        3,
+        f"chatctl: the control socket is turned off in {cfg} (control.socket is empty)\n",
+    )
+
+
+# chatctl itself
+
+
+def test_chatctl_when_chatd_is_not_running(tmp_path: Path) -> None:
+    path = tmp_path / "none.sock"
+    r = chatctl("--socket", str(path), "stats")
+    assert (r.returncode, r.stdout) == (3, "")
+    assert r.stderr == f"chatctl: chatd is not running (no socket at {path})\n"
+
+
+def test_chatctl_takes_the_socket_from_a_config(daemon: Daemon) -> None:
+    r = chatctl("--config", str(daemon.config_path), "list")
+    assert (r.returncode, r.stdout) == (0, "no users online\n"), r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+        (["kick"], "the following arguments are required: name"),
+        (["ban", "x", "--for", "5y"], "expected a duration such as 30s, 10m, 2h, 7d or 1h30m"),
+        (["ban", "x", "--for", "0s"], "expected a duration from 1s to 100 years, got '0s'"),
+        (["--socket", "a", "--config", "b", "list"], "not allowed with argument"),
+        (["--timeout", "0", "list"], "argument --timeout: expected seconds, more than 0, got '0'"),
+    ],
+)
+def test_chatctl_usage_errors_exit_2(args: list[str], error: str) -> None:
+    r = chatctl(*args)
+    assert r.returncode == 2
+    assert error in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_chatctl_with_a_missing_config_is_a_usage_error(tmp_path: Path) -> None:
+    r = chatctl("--config", str(tmp_path / "nope.yaml"), "list")
+    assert (r.returncode, r.stderr) == (
+        2,
+        f"chatctl: error: {tmp_path / 'nope.yaml'}: no such file or directory\n",
+    )
+
+
+def test_chatctl_help_lists_every_command() -> None:
+    r = chatctl("--help")
+    assert r.returncode == 0
+    for cmd in ("list", "kick", "ban", "unban", "bans", "say", "stats", "reload"):
+        assert cmd in r.stdout
+    assert "3 chatd not reachable" in " ".join(r.stdout.split())
