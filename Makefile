@@ -118,6 +118,11 @@ uninstall:
 		echo "kept $(SYSCONFDIR)/chatd/chatd.yaml: it was changed"; \
 	fi
 
+# chatd under a real systemd in a container (root, systemd-nspawn, debootstrap;
+# skips, saying why, without them).  See tests/system/run.sh.
+test-system: $(STAMP)
+	tests/system/run.sh
+
 clean:
 	rm -rf $(VENV) .run build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# make test-system: chatd under a real systemd (PID 1) in a container, checked as an admin would.
+#
+# Boots a debootstrapped Debian root filesystem with systemd-nspawn (own root, own network
+# namespace with only lo, user namespace: see box.sh), never the host's root filesystem.
+# Builds the dependency wheels on the host (pip wheel), copies them and the source tree in,
+# runs `make install PIP_ARGS="--no-index --find-links ..."` in the box, then checks the
+# service, the socket and the admin tools.  Skips (exit 0, saying why) where it cannot run.
+#
+# Variables: BOX_DIR (/var/tmp/chatd-system: rootfs and state), KEEP_BOX=1 (leave the box up),
+#   PYTHON (the host Python with pip, default .venv/bin/python).
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+BOX="$HERE/box.sh"
+export BOX_DIR=${BOX_DIR:-/var/tmp/chatd-system}
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+STAGE="$ROOT/build/system"
+PORT=1234
+
+skip() { echo "SKIP: make test-system: $*"; exit 0; }
+step() { printf '\n== %s\n' "$*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+B() { "$BOX" exec "$@"; }
+
+[ "$(id -u)" = 0 ] || skip "needs root (systemd-nspawn boots the container)"
+command -v systemd-nspawn >/dev/null || skip "no systemd-nspawn (apt-get install --no-install-recommends systemd-container)"
+command -v nsenter >/dev/null || skip "no nsenter (util-linux)"
+if [ ! -f "$BOX_DIR/rootfs/.chatd-system-rootfs" ]; then
+    command -v debootstrap >/dev/null || skip "no debootstrap to build the container's root filesystem (apt-get install --no-install-recommends debootstrap)"
+fi
+[ -x "$PYTHON" ] || fail "no $PYTHON (run make test-system, which creates it)"
+
+t0=$(date +%s)
+step "root filesystem ($BOX_DIR/rootfs)"
+"$HERE/build-rootfs.sh"
+
+step "wheels of the dependencies, built on the host"
+rm -rf "$STAGE"
+mkdir -p "$STAGE/wheels" "$STAGE/src"
+"$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    >"$STAGE/requirements.txt"
+(cd "$ROOT" && "$PYTHON" -m pip wheel --quiet --disable-pip-version-check \
+    -w "$STAGE/wheels" -r "$STAGE/requirements.txt")
+ls "$STAGE/wheels"
+# The source tree as git sees it (tracked and new files, nothing ignored).
+(cd "$ROOT" && git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -C "$STAGE/src" -xf -)
+
+step "boot"
+"$BOX" up >/dev/null
+[ "${KEEP_BOX:-0}" = 1 ] || trap '"$BOX" down || true' EXIT
+# Leftovers of an earlier run (the root filesystem persists between boots).
+B systemctl stop chatd.socket chatd.service 2>/dev/null || true
+B systemctl reset-failed chatd.socket chatd.service 2>/dev/null || true
+B rm -rf /root/chatd-src /root/wheels /etc/chatd /usr/local/lib/chatd \
+    /usr/local/lib/systemd/system/chatd.service /usr/local/lib/systemd/system/chatd.socket
+"$BOX" copy "$STAGE/src" /root/chatd-src
+"$BOX" copy "$STAGE/wheels" /root/wheels
+
+step "make install (offline, from the wheels)"
+B sh -c 'cd /root/chatd-src && make install PIP_ARGS="--no-index --find-links /root/wheels"'
+B systemctl daemon-reload
+B systemd-analyze verify --man=no /usr/local/lib/systemd/system/chatd.service \
+    /usr/local/lib/systemd/system/chatd.socket
+CHECK="python3 /root/chatd-src/tests/system/chatcheck.py"
+
+INV=
+refresh_inv() {  # remember the current run of chatd.service (empty once it stopped)
+    local inv
+    inv=$(B systemctl show -p InvocationID --value chatd.service)
+    if [ -n "$inv" ]; then INV=$inv; fi
+}
+journal() {  # the JSON events of the current (or, once stopped, the last) run of chatd.service
+    B journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$INV"
+}
+wait_event() {  # wait_event NAME [PYTHON-CONDITION on e]: a JSON event in this run's journal
+    local name=$1 cond=${2:-True} i
+    for i in $(seq 1 50); do
+        refresh_inv
+        if journal | "$PYTHON" -c '
+import json, sys
+name, cond = sys.argv[1], sys.argv[2]
+for line in sys.stdin:
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    if e.get("event") == name and eval(cond):
+        sys.exit(0)
+sys.exit(1)' "$name" "$cond"; then return 0; fi
+        sleep 0.2
+    done
+    journal >&2
+    fail "no $name event with $cond in the journal"
+}
+
+step "systemctl start chatd: active (running) with a STATUS line"
+B systemctl start chatd
+[ "$(B systemctl is-active chatd)" = active ] || fail "chatd is not active"
+status=$(B systemctl status chatd --no-pager -l) || true
+echo "$status"
+grep -F 'Status: "0 users online, 0 connections"' <<<"$status" >/dev/null || fail "no STATUS line"
+pid=$(B systemctl show -p MainPID --value chatd)
+B grep -E '^(Uid|NoNewPrivs|Seccomp):' "/proc/$pid/status" | tee "$STAGE/proc-status"
+grep -Eq '^Uid:\s+0\s' "$STAGE/proc-status" && fail "chatd runs as root"
+grep -Eq '^NoNewPrivs:\s+1' "$STAGE/proc-status" || fail "NoNewPrivileges not applied"
+grep -Eq '^Seccomp:\s+2' "$STAGE/proc-status" || fail "no system call filter"
+exposure=$(B systemd-analyze security chatd --no-pager | sed -n 's/.*Overall exposure level for chatd.service: \([0-9.]*\).*/\1/p')
+echo "systemd-analyze security chatd: $exposure"
+awk -v x="$exposure" 'BEGIN { exit !(x != "" && x <= 2.0) }' || fail "exposure $exposure is over 2.0"
+
+step "two clients chat through it"
+B $CHECK chat "$PORT"
+
+step "chatctl as root, and refused to an ordinary user"
+if B test -x /usr/local/bin/chatctl; then
+    B chatctl list
+    B sh -c 'id tester >/dev/null 2>&1 || useradd --create-home tester'
+    if out=$(B runuser -u tester -- chatctl list 2>&1); then
+        fail "chatctl list worked for an ordinary user: $out"
+    fi
+    echo "tester: $out"
+else
+    echo "SKIP: chatctl is not part of this chatd yet"
+fi
+
+step "systemctl reload chatd applies a changed setting"
+B sed -i 's/^max_message_bytes: 4096$/max_message_bytes: 100/' /etc/chatd/chatd.yaml
+B grep -q '^max_message_bytes: 100$' /etc/chatd/chatd.yaml || fail "could not edit the config"
+B systemctl reload chatd
+wait_event reload '"max_message_bytes" in e["applied"]'
+B $CHECK too-long "$PORT" 200
+[ "$(B systemctl show -p MainPID --value chatd)" = "$pid" ] || fail "reload restarted chatd"
+status=$(B systemctl status chatd --no-pager -l) || true
+grep -F 'Status: "' <<<"$status" || fail "no STATUS line after reload"
+
+step "journalctl -u chatd: JSON events"
+wait_event startup
+wait_event join 'e["user"] == "alice"'
+wait_event message 'e["user"] == "bob" and e["text"] == "hello from bob"'
+wait_event leave
+B journalctl -u chatd --no-pager -n 5 -o cat
+
+step "Restart=on-failure: SIGKILL brings it back"
+B kill -KILL "$pid"
+for i in $(seq 1 50); do
+    new=$(B systemctl show -p MainPID --value chatd)
+    [ "$new" != 0 ] && [ "$new" != "$pid" ] && [ "$(B systemctl is-active chatd)" = active ] && break
+    sleep 0.2
+done
+[ "$new" != 0 ] && [ "$new" != "$pid" ] || fail "chatd was not restarted after SIGKILL"
+echo "restarted: pid $pid -> $new"
+
+step "systemctl stop chatd: inactive, control socket gone"
+wait_event startup 'e["pid"] == '"$new"
+B systemctl stop chatd
+st=$(B systemctl is-active chatd || true)
+[ "$st" = inactive ] || fail "chatd is $st after stop"
+B test ! -e /run/chatd || fail "/run/chatd (the control socket's directory) is still there"
+wait_event shutdown
+
+step "socket activation: chatd.socket starts chatd on the first connection"
+B systemctl start chatd.socket
+st=$(B systemctl is-active chatd.service || true)
+[ "$st" = inactive ] || fail "chatd.service is $st before any connection"
+B $CHECK wait "$PORT" 10
+[ "$(B systemctl is-active chatd.service)" = active ] || fail "the connection did not start chatd"
+B systemctl show -p TriggeredBy --value chatd.service | grep -q chatd.socket || fail "not triggered by chatd.socket"
+wait_event startup 'e["listen"] == ["127.0.0.1:'"$PORT"'"]'
+B systemctl status chatd.service --no-pager -l | head -n 8 || true
+
+step "socket activation: a connection while chatd is stopped waits, then is served"
+B systemctl stop chatd.service
+[ "$(B systemctl is-active chatd.socket)" = active ] || fail "chatd.socket stopped with the service"
+B $CHECK wait "$PORT" 10
+[ "$(B systemctl is-active chatd.service)" = active ] || fail "chatd was not started again"
+B systemctl stop chatd.socket chatd.service
+for u in chatd.socket chatd.service; do
+    st=$(B systemctl is-active "$u" || true)
+    [ "$st" = inactive ] || fail "$u is $st after stop"
+done
+
+step "make uninstall"
+B sh -c 'cd /root/chatd-src && make uninstall'
+B test ! -e /usr/local/bin/chatd || fail "chatd still installed"
+
+echo
+echo "ALL SYSTEM TESTS PASSED in $(( $(date +%s) - t0 )) s"
