@@ -9,8 +9,9 @@ gets its own copy, without its messages.
 
 from __future__ import annotations
 
+import itertools
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
 from chatd import protocol
@@ -60,13 +61,16 @@ def text_problem(text: str) -> str | None:
 
 
 class Room:
-    __slots__ = ("_batch", "_members", "deliveries", "header_length")
+    __slots__ = ("_batch", "_fresh", "_members", "deliveries", "header_length")
 
     def __init__(self, header_length: int = protocol.DEFAULT_HEADER_LENGTH) -> None:
         self.header_length = header_length
         self._members: dict[str, Member] = {}  # casefolded name -> member, in join order
         # Frames posted this pass: (data, excluded sender or None, sole recipient or None).
         self._batch: list[tuple[bytes, Member | None, Member | None]] = []
+        # Members who joined this pass -> the batch index they joined at: what
+        # was posted before that is not for them.
+        self._fresh: dict[int, int] = {}
         self.deliveries = 0  # frame pairs handed to members, for the stats
 
     @property
@@ -97,9 +101,11 @@ class Room:
         key = member.name.casefold()
         if key in self._members:
             raise ValueError(f"the name {member.name!r} is taken")
-        # What was posted before the join is not for the newcomer.
-        self.flush()
         self._members[key] = member
+        if self._batch:
+            # What was posted before the join is not for the newcomer; flushing
+            # here instead would cost a send per member per join.
+            self._fresh[id(member)] = len(self._batch)
 
     def leave(self, member: Member) -> bool:
         """Remove ``member``; True if it was here.  Queued frames for it are dropped."""
@@ -107,6 +113,7 @@ class Room:
         if self._members.get(key) is not member:
             return False
         del self._members[key]
+        self._fresh.pop(id(member), None)
         return True
 
     def frame(self, sender: str, text: str) -> bytes:
@@ -131,8 +138,11 @@ class Room:
         if not batch:
             return
         self._batch = []
+        fresh = self._fresh
+        if fresh:
+            self._fresh = {}
         members = list(self._members.values())
-        if len(batch) == 1:
+        if len(batch) == 1 and not fresh:
             data, exclude, only = batch[0]
             if only is not None:
                 if only in self:
@@ -144,14 +154,17 @@ class Room:
                     m.deliver(data)
             self.deliveries += len(members) - (exclude in self)
             return
-        # Members named in the batch (senders, private recipients) need their own
-        # selection; everyone else gets the shared join of the broadcasts.
-        special = {id(m) for _, ex, only in batch for m in (ex, only) if m is not None}
+        # Members named in the batch (senders, private recipients) and those who
+        # joined during it need their own selection; everyone else gets the
+        # shared join of the broadcasts.
+        special = {id(m): 0 for _, ex, only in batch for m in (ex, only) if m is not None}
+        special.update(fresh)
         broadcasts = [data for data, _, only in batch if only is None]
         shared = b"".join(broadcasts)
         for m in members:
-            if id(m) in special:
-                mine = list(_select(batch, m))
+            start = special.get(id(m))
+            if start is not None:
+                mine = list(_select(batch, m, start))
                 if mine:
                     self.deliveries += len(mine)
                     m.deliver(b"".join(mine))
@@ -161,8 +174,8 @@ class Room:
 
 
 def _select(
-    batch: Iterable[tuple[bytes, Member | None, Member | None]], m: Member
+    batch: list[tuple[bytes, Member | None, Member | None]], m: Member, start: int
 ) -> Iterator[bytes]:
-    for data, exclude, only in batch:
+    for data, exclude, only in itertools.islice(batch, start, None):
         if (only is None and exclude is not m) or only is m:
             yield data

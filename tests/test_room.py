@@ -76,6 +76,47 @@ def test_a_newcomer_gets_nothing_posted_before_it_joined() -> None:
     assert b.pairs() == [(NOTICE_SENDER, "late")]
 
 
+def test_joins_during_a_pass_keep_one_delivery_per_member() -> None:
+    # A join storm must not cost a send per member per join: joining does not
+    # flush, yet each newcomer still gets only what was posted after it joined.
+    room = Room()
+    old = Member("old")
+    room.join(old)
+    newcomers = [Member(f"n{i}") for i in range(3)]
+    for m in newcomers:
+        room.join(m)
+        room.send_to(m, NOTICE_SENDER, f"welcome, {m.name}")
+        room.notice(f"{m.name} joined", exclude=m)
+    assert old.chunks == [] and all(m.chunks == [] for m in newcomers)
+    room.flush()
+    assert len(old.chunks) == 1
+    assert old.pairs() == [(NOTICE_SENDER, f"n{i} joined") for i in range(3)]
+    assert newcomers[0].pairs() == [
+        (NOTICE_SENDER, "welcome, n0"),
+        (NOTICE_SENDER, "n1 joined"),
+        (NOTICE_SENDER, "n2 joined"),
+    ]
+    assert newcomers[2].pairs() == [(NOTICE_SENDER, "welcome, n2")]
+    assert all(len(m.chunks) == 1 for m in newcomers)
+    assert room.deliveries == 3 + 3 + 2 + 1
+
+
+def test_a_member_who_rejoins_in_the_same_pass_starts_afresh() -> None:
+    room = Room()
+    a, b = Member("a"), Member("b")
+    room.join(a)
+    room.notice("one")
+    room.join(b)
+    room.notice("two")
+    room.leave(b)
+    room.notice("three")
+    room.join(b)
+    room.notice("four")
+    room.flush()
+    assert b.pairs() == [(NOTICE_SENDER, "four")]
+    assert a.pairs() == [(NOTICE_SENDER, t) for t in ("one", "two", "three", "four")]
+
+
 def test_names_are_unique_without_regard_to_case() -> None:
     room = Room()
     room.join(Member("Alice"))
