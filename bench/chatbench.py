@@ -499,10 +499,16 @@ def fanout(args: argparse.Namespace, receivers: int, rounds: int) -> dict[str, A
                 cpu = meter.read()
                 b1 = sum(c.nbytes for c in measured)
                 m1 = min(sum(p.per_sender.values()) for p in probes)
+                deliveries, accepted = (b1 - b0) / delivery, m1 - m0
+                busy = cpu["daemon_cpu"] * dt
                 results.append(
                     {
-                        "deliveries_per_s": round((b1 - b0) / delivery / dt),
-                        "accepted_per_s": round((m1 - m0) / dt),
+                        "deliveries_per_s": round(deliveries / dt),
+                        "accepted_per_s": round(accepted / dt),
+                        # chatd's CPU per unit of work: steadier than rates when
+                        # other processes share the cores.
+                        "chatd_cpu_us_per_message": round(busy / max(accepted, 1) * 1e6, 2),
+                        "chatd_cpu_ns_per_delivery": round(busy / max(deliveries, 1) * 1e9, 1),
                         **cpu,
                         "saturated": saturated(cpu),
                     }
@@ -805,6 +811,15 @@ def table(res: dict[str, Any]) -> str:
                 )
             )
             rows.append(("", "accepted msgs/s", f"{r['accepted_per_s']:,}", "", ""))
+            rows.append(
+                (
+                    "",
+                    "chatd CPU per msg / delivery",
+                    f"{r['chatd_cpu_us_per_message']} us / {r['chatd_cpu_ns_per_delivery']} ns",
+                    "",
+                    "",
+                )
+            )
         elif key == "latency":
             rows.append(
                 (
@@ -818,7 +833,7 @@ def table(res: dict[str, Any]) -> str:
         elif key == "capacity":
             rows.append(
                 (
-                    f"c capacity {r['clients']:,} clients",
+                    f"c capacity {int(r['clients']):,} clients",
                     "RSS MiB / KiB per client",
                     f"{r['rss_mib']} / {r['per_client_kib']}",
                     "10,000 clients",
