@@ -10,6 +10,7 @@ gets its own copy, without its messages.
 from __future__ import annotations
 
 import itertools
+import re
 import unicodedata
 from collections.abc import Iterator
 from typing import Protocol
@@ -54,10 +55,13 @@ def text_problem(text: str) -> str | None:
     that looks like another user's in a simple client, and escape sequences
     would drive the readers' terminals.  A tab is fine.
     """
-    for ch in text:
-        if ch != "\t" and unicodedata.category(ch) == "Cc":
-            return "messages may not contain control characters such as newlines or escapes"
+    if _CONTROL.search(text):
+        return "messages may not contain control characters such as newlines or escapes"
     return None
+
+
+# Unicode category Cc is exactly these 65 code points (C0, DEL and C1); tab is allowed.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 class Room:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 
 from chatd.protocol import FrameDecoder
@@ -161,6 +163,13 @@ def test_bad_names(name: str, problem: str) -> None:
 @pytest.mark.parametrize("name", ["alice", "Zoë", "李雷", "a" * 32, "bob_2", "x-y.z", "(o_o)"])
 def test_good_names(name: str) -> None:
     assert name_problem(name, 32) is None
+
+
+def test_text_problem_refuses_exactly_the_control_characters_but_tab() -> None:
+    for code in range(0x10000):
+        ch = chr(code)
+        control = ch != "\t" and unicodedata.category(ch) == "Cc"
+        assert (text_problem(f"a{ch}b") is not None) == control, hex(code)
 
 
 def test_text_problem() -> None:
