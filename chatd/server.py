@@ -167,6 +167,7 @@ class Server:
 
     def close(self) -> None:
         """Release everything (after run(), or if it never ran)."""
+        log.defer(False)
         for conn in list(self.conns.values()):
             conn.state = CLOSED
             self._doomed.append(conn)
@@ -190,7 +191,9 @@ class Server:
         """Serve until SIGTERM or SIGINT; return the exit status."""
         select = self.sel.select
         room = self.room
+        log.defer(True)  # each pass's lines are written in one piece, before select()
         while True:
+            log.flush()
             events = select(self._timeout())
             for key, mask in events:
                 data = key.data
@@ -213,6 +216,7 @@ class Server:
                 self._reap()
             if self._stopping and (not self.conns or time.monotonic() >= self._stop_deadline):
                 break
+        log.defer(False)
         self._log_shutdown()
         return 0
 
@@ -424,9 +428,9 @@ class Server:
         self.stats.messages += 1
         if self._log_messages:
             if self.config.log.messages:
-                conn.log.info("message", bytes=len(text.encode()), text=text, **fields)
+                log.hot(conn.log, "message", bytes=len(text.encode()), text=text, **fields)
             else:
-                conn.log.info("message", bytes=len(text.encode()), **fields)
+                log.hot(conn.log, "message", bytes=len(text.encode()), **fields)
 
     # Flood control.
 

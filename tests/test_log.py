@@ -1,0 +1,105 @@
+"""The log module: the per-message fast path and deferred writes."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from chatd import log
+from chatd.config import LogConfig
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    log.configure(LogConfig(format="json", level="info", messages=True), stream=out)
+    yield out
+    log.defer(False)
+
+
+def _lines(stream: io.StringIO) -> list[str]:
+    return stream.getvalue().splitlines()
+
+
+def _untimed(line: str) -> str:
+    return re.sub(r'"timestamp": "[^"]+"', '"timestamp": T', line)
+
+
+def test_hot_writes_the_line_structlog_writes(stream: io.StringIO) -> None:
+    logger = log.get(peer="[::1]:5000", user="Zoë")
+    fields = {"bytes": 14, "text": 'say "hi" ✓ \\ \t'}
+    logger.info("message", **fields)
+    log.hot(logger, "message", **fields)
+    slow, fast = _lines(stream)
+    assert _untimed(fast) == _untimed(slow)
+    keys = ["timestamp", "level", "event", "peer", "user", "bytes", "text"]
+    assert list(json.loads(fast)) == keys
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", json.loads(fast)["timestamp"])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n": -3, "f": 0.1, "t": True, "none": None, "list": [1, "é"], "s": "\x00\u2028"},
+        {"user": "bound field overridden in place", "extra": 1},
+    ],
+)
+def test_hot_values_and_overrides_match_structlog(
+    stream: io.StringIO, fields: dict[str, object]
+) -> None:
+    logger = log.get(peer="1.2.3.4:5", user="a")
+    logger.info("e", **fields)
+    log.hot(logger, "e", **fields)
+    slow, fast = _lines(stream)
+    assert _untimed(fast) == _untimed(slow)
+
+
+def test_hot_timestamps_are_iso_utc_and_current(stream: io.StringIO) -> None:
+    logger = log.get()
+    for _ in range(3):
+        log.hot(logger, "tick")
+    now = datetime.datetime.now(datetime.UTC)
+    for line in _lines(stream):
+        stamp = json.loads(line)["timestamp"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp)
+        then = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert abs((now - then).total_seconds()) < 5
+
+
+def test_hot_falls_back_to_structlog_for_the_console_format() -> None:
+    out = io.StringIO()
+    log.configure(LogConfig(format="console", level="info", messages=True), stream=out)
+    log.hot(log.get(user="alice"), "message", bytes=2, text="hi")
+    line = out.getvalue()
+    assert "message" in line and "user=alice" in line and not line.startswith("{")
+
+
+def test_deferred_lines_wait_for_flush_and_keep_their_order(stream: io.StringIO) -> None:
+    logger = log.get(user="a")
+    log.defer(True)
+    logger.info("one")
+    log.hot(logger, "two", bytes=1)
+    logger.warning("three")
+    assert stream.getvalue() == ""
+    log.flush()
+    assert [json.loads(x)["event"] for x in _lines(stream)] == ["one", "two", "three"]
+    logger.info("four")
+    log.defer(False)  # writes what was kept
+    logger.info("five")  # and then each line at once
+    assert [json.loads(x)["event"] for x in _lines(stream)][3:] == ["four", "five"]
+
+
+def test_reconfiguring_writes_kept_lines_to_the_old_stream_first(stream: io.StringIO) -> None:
+    log.defer(True)
+    log.get().info("before")
+    other = io.StringIO()
+    log.configure(LogConfig(format="json", level="info", messages=True), stream=other)
+    log.get().info("after")
+    log.flush()
+    assert [json.loads(x)["event"] for x in _lines(stream)] == ["before"]
+    assert [json.loads(x)["event"] for x in _lines(other)] == ["after"]
