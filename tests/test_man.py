@@ -17,7 +17,7 @@ from chatd import config
 MAN = ROOT / "man"
 PAGES = sorted(MAN.glob("*.[0-9]"))
 # Each command and the page documenting it.
-COMMAND_PAGES = [("chatd", "chatd.8")]
+COMMAND_PAGES = [("chatd", "chatd.8"), ("chatctl", "chatctl.8")]
 
 
 def page_text(name: str) -> str:
@@ -28,7 +28,7 @@ def page_text(name: str) -> str:
 
 
 def test_the_pages_exist() -> None:
-    assert {p.name for p in PAGES} >= {"chatd.8", "chatd.yaml.5"}
+    assert {p.name for p in PAGES} >= {"chatd.8", "chatd.yaml.5", "chatctl.8"}
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed (groff-base)")
@@ -57,22 +57,36 @@ def test_page_has_the_standard_sections(page: Path) -> None:
         assert sections >= {"OPTIONS", "EXIT STATUS", "ENVIRONMENT"}
 
 
-def help_options(command: str) -> set[str]:
-    """Every option the command's --help shows."""
+def run_help(command: str, *args: str) -> str:
     exe = Path(sys.executable).parent / command
-    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([str(exe), *args, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r
-    usage_and_options = r.stdout
-    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", usage_and_options))
+    return r.stdout
+
+
+def subcommands(help_text: str) -> list[str]:
+    """The commands an argparse --help lists under COMMAND (indented by four)."""
+    return re.findall(r"^    ([a-z][a-z-]*)(?:\s{2,}|\n)", help_text, re.M)
+
+
+def help_options(command: str) -> tuple[set[str], list[str]]:
+    """Every option the command's --help shows (its subcommands' too), and the subcommands."""
+    main_help = run_help(command)
+    commands = subcommands(main_help)
+    texts = [main_help] + [run_help(command, sub) for sub in commands]
+    options = {o for t in texts for o in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", t)}
+    return options, commands
 
 
 @pytest.mark.parametrize(("command", "page"), COMMAND_PAGES)
 def test_every_option_is_in_the_page(command: str, page: str) -> None:
-    options = help_options(command)
+    options, commands = help_options(command)
     assert "--help" in options
     text = page_text(page)
     missing = [o for o in sorted(options) if not re.search(rf"(?<![\w-]){o}(?![\w-])", text)]
     assert missing == [], f"{page} lacks {missing}"
+    missing = [c for c in commands if not re.search(rf"^\.TP\n\.B[IR]? {c}\b", text, re.M)]
+    assert missing == [], f"{page} has no entry for the commands {missing}"
 
 
 def render(value: Any) -> str:

@@ -4,6 +4,7 @@
     chatcheck.py chat PORT            alice and bob join; bob's message reaches alice
     chatcheck.py too-long PORT BYTES  a message of BYTES bytes gets a protocol error
     chatcheck.py wait PORT SECONDS    connect (retrying until SECONDS), join, check welcome
+    chatcheck.py hold PORT NAME SECONDS  join as NAME and stay for SECONDS
 
 Prints one line and exits 0 when all went as expected, 1 otherwise.
 """
@@ -103,6 +104,16 @@ def main() -> None:
     elif mode == "wait":
         client = Client(port, retry_for=float(sys.argv[3]))
         print(f"ok: {client.join('early')}")
+    elif mode == "hold":
+        client = Client(port)
+        client.join(sys.argv[3])
+        client.sock.settimeout(float(sys.argv[4]))
+        try:
+            while client.recv() is not None:
+                pass
+        except TimeoutError:
+            pass
+        print(f"ok: {sys.argv[3]} stayed")
     else:
         fail(f"unknown mode {mode}")
 

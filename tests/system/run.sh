@@ -100,6 +100,7 @@ B systemctl start chatd
 status=$(B systemctl status chatd --no-pager -l) || true
 echo "$status"
 grep -F 'Status: "0 users online, 0 connections"' <<<"$status" >/dev/null || fail "no STATUS line"
+B test -S /run/chatd/admin.sock || fail "no control socket /run/chatd/admin.sock"
 pid=$(B systemctl show -p MainPID --value chatd)
 B grep -E '^(Uid|NoNewPrivs|Seccomp):' "/proc/$pid/status" | tee "$STAGE/proc-status"
 grep -Eq '^Uid:\s+0\s' "$STAGE/proc-status" && fail "chatd runs as root"
@@ -112,17 +113,30 @@ awk -v x="$exposure" 'BEGIN { exit !(x != "" && x <= 2.0) }' || fail "exposure $
 step "two clients chat through it"
 B $CHECK chat "$PORT"
 
-step "chatctl as root, and refused to an ordinary user"
-if B test -x /usr/local/bin/chatctl; then
-    B chatctl list
-    B sh -c 'id tester >/dev/null 2>&1 || useradd --create-home tester'
-    if out=$(B runuser -u tester -- chatctl list 2>&1); then
-        fail "chatctl list worked for an ordinary user: $out"
-    fi
-    echo "tester: $out"
-else
-    echo "SKIP: chatctl is not part of this chatd yet"
+step "chatctl as root sees who is online; an ordinary user is refused"
+B $CHECK hold "$PORT" carol 5 &
+holder=$!
+for i in $(seq 1 50); do
+    out=$(B chatctl list) || fail "chatctl list failed as root: $out"
+    grep -q carol <<<"$out" && break
+    sleep 0.1
+done
+echo "$out"
+grep -q carol <<<"$out" || fail "chatctl list does not show carol"
+for i in $(seq 1 30); do  # STATUS= is rate-limited to one a second
+    status=$(B systemctl status chatd --no-pager -l) || true
+    grep -qF 'Status: "1 user online, 1 connection"' <<<"$status" && break
+    sleep 0.2
+done
+grep -F 'Status: ' <<<"$status"
+grep -qF 'Status: "1 user online, 1 connection"' <<<"$status" || fail "STATUS does not count carol"
+wait "$holder"
+B sh -c 'id tester >/dev/null 2>&1 || useradd --create-home tester'
+if out=$(B runuser -u tester -- chatctl list 2>&1); then
+    fail "chatctl list worked for an ordinary user: $out"
 fi
+echo "tester: $out"
+grep -q "permission denied" <<<"$out" || fail "the refusal does not say why"
 
 step "systemctl reload chatd applies a changed setting"
 B sed -i 's/^max_message_bytes: 4096$/max_message_bytes: 100/' /etc/chatd/chatd.yaml
