@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-all lint fmt clean bench bench-quick bench-profile install uninstall test-system
+.PHONY: run test test-all fuzz lint fmt clean bench bench-quick bench-profile install uninstall test-system
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(STAMP)
 # Everything, the slow tests included (CI runs this too).
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+# Fuzzing: the room's state machine and a connection's raw byte stream, at
+# length (the default suite runs a few dozen examples of each).
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	CHATD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -m '' --timeout=0 -s \
+		tests/test_room_stateful.py tests/test_fuzz_connection.py
 
 # The benchmark of issue 7 (see bench/chatbench.py and README "Performance").
 bench: $(STAMP)
