@@ -148,6 +148,22 @@ B $CHECK too-long "$PORT" 200
 status=$(B systemctl status chatd --no-pager -l) || true
 grep -F 'Status: "' <<<"$status" || fail "no STATUS line after reload"
 
+step "an invalid config on reload: rejected, chatd runs on and says so"
+B cp /etc/chatd/chatd.yaml /root/chatd.yaml.good
+B sh -c 'echo "max_clients: many" >> /etc/chatd/chatd.yaml'
+B systemctl reload chatd
+wait_event reload_failed '"max_clients" in e["error"]'
+for i in $(seq 1 30); do
+    status=$(B systemctl status chatd --no-pager -l) || true
+    grep -qF 'Status: "reload failed, old config kept: ' <<<"$status" && break
+    sleep 0.2
+done
+grep -F 'Status: ' <<<"$status"
+grep -qF 'Status: "reload failed, old config kept: ' <<<"$status" || fail "STATUS does not tell of the failed reload"
+[ "$(B systemctl is-active chatd)" = active ] || fail "chatd stopped on an invalid config"
+B $CHECK too-long "$PORT" 200  # the old config (max_message_bytes: 100) still holds
+B cp /root/chatd.yaml.good /etc/chatd/chatd.yaml
+
 step "journalctl -u chatd: JSON events"
 wait_event startup
 wait_event join 'e["user"] == "alice"'
