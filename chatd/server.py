@@ -378,9 +378,7 @@ class Server:
         self.stats.peak_users = max(self.stats.peak_users, len(room))
         self.users_changed()
         conn.log.info("join")
-        others = [n for n in room.names() if n != name]
-        who = f"online: {', '.join(others)}" if others else "nobody else is online"
-        room.send_to(conn, NOTICE_SENDER, f"welcome, {name}; {who}")
+        room.send_to(conn, NOTICE_SENDER, f"welcome, {name}; {online_line(room, conn)}")
         room.notice(f"{name} joined", exclude=conn)
 
     def _handshake_expired(self, conn: Connection) -> None:
@@ -793,6 +791,27 @@ class Server:
 
 def address_ban_notice(ban: Ban) -> str:
     return f"connection refused: your address is banned{ban.describe()}"
+
+
+def online_line(room: Room, me: Connection, max_bytes: int = commands.WHO_MAX_BYTES) -> str:
+    """Who else is online, for a welcome: names up to about ``max_bytes``, then a count.
+
+    Only the names shown are visited, so a join into a room of 10,000 costs
+    no more than one into a room of 1,000, and no welcome is larger than /who.
+    """
+    others = len(room) - (me in room)
+    if not others:
+        return "nobody else is online"
+    shown: list[str] = []
+    size = 0
+    for member in room:
+        if member is me:
+            continue
+        size += len(member.name.encode()) + 2
+        if size > max_bytes:
+            return f"online: {', '.join(shown)} and {others - len(shown)} more"
+        shown.append(member.name)
+    return f"online: {', '.join(shown)}"
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
+from crowd import Crowd
 from helpers import NOTICE, Bystanders, Client, Daemon, frame
 
 
@@ -188,3 +189,20 @@ def test_idle_timeout_is_off_by_default_and_reloadable(daemon: Daemon) -> None:
     stays = daemon.client("stays")
     time.sleep(0.6)
     stays.expect_nothing(0.1)
+
+
+def test_the_welcome_in_a_big_room_is_bounded(daemon: Daemon) -> None:
+    crowd = Crowd(daemon.port, prefix="a-rather-long-user-name-")
+    try:
+        crowd.join(150)
+        newcomer = Client(daemon.port)
+        newcomer.send("newcomer")
+        sender, text = newcomer.recv()
+        assert sender == NOTICE
+        assert text.startswith("welcome, newcomer; online: a-rather-long-user-name-0, ")
+        assert len(text.encode()) < 4100
+        shown = text.split(": ", 1)[1].split(" and ")[0].split(", ")
+        assert text.endswith(f" and {150 - len(shown)} more")
+        assert 100 < len(shown) < 150
+    finally:
+        crowd.close()
