@@ -99,6 +99,7 @@ class Server:
         self._stop_deadline = 0.0
         self.notifier = notifier or Notifier(None)
         self._status_scheduled = False
+        self._reload_error: str | None = None  # shown in STATUS= until a reload succeeds
         self._per_address: dict[str, int] = {}  # peer address -> connections holding a place
         self._idle_sweep_id = 0  # the current idle sweep; older ones stop
         self.flood_rate = config.flood.rate
@@ -656,15 +657,19 @@ class Server:
         """Re-read the config file; return (keys applied, keys needing a restart).
 
         An invalid file raises ConfigError and changes nothing.  systemd is
-        told RELOADING=1 before and READY=1 after, whatever the outcome.
+        told RELOADING=1 before and READY=1 after, whatever the outcome; a
+        failure stays in STATUS= until a reload succeeds.
         """
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
         try:
             applied, restart = self._reload()
         except configmod.ConfigError as e:
-            self.notifier.notify("READY=1", f"STATUS=reload failed, old config kept: {e}")
+            self._reload_error = str(e)
             raise
-        self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        else:
+            self._reload_error = None
+        finally:
+            self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         return applied, restart
 
     def _reload(self) -> tuple[list[str], list[str]]:
@@ -760,12 +765,15 @@ class Server:
     # systemd.
 
     def status_line(self) -> str:
-        """One line for STATUS=: users online and connections."""
+        """One line for STATUS=: users online, connections, a failed reload."""
         users = len(self.room)
-        return (
+        line = (
             f"{users} user{'' if users == 1 else 's'} online, "
             f"{len(self.conns)} connection{'' if len(self.conns) == 1 else 's'}"
         )
+        if self._reload_error:
+            line += f"; reload failed, old config kept: {self._reload_error}"
+        return line
 
     def users_changed(self) -> None:
         """Send STATUS= soon: at most once per STATUS_INTERVAL, however busy the room."""

@@ -111,8 +111,20 @@ def test_reload_is_bracketed_by_reloading_and_ready(
     d.signal(signal.SIGHUP)
     notify.wait_for("RELOADING", "1")
     failed = notify.wait_for("READY", "1")
-    assert failed["STATUS"].startswith("reload failed, old config kept: ")
-    assert "max_message_bytes: expected an integer" in failed["STATUS"]
+    assert failed["STATUS"] == (
+        f"0 users online, 0 connections; reload failed, old config kept: {d.config_path}: "
+        "max_message_bytes: expected an integer 1-16777216, got 'lots'"
+    )
+    # It stays in the status until a reload succeeds.
+    alice = d.client("alice")
+    assert notify.wait_for("STATUS")["STATUS"].startswith(
+        "1 user online, 1 connection; reload failed"
+    )
+    d.config_path.write_text(yaml.safe_dump(d.config))
+    d.signal(signal.SIGHUP)
+    notify.wait_for("RELOADING", "1")
+    assert notify.wait_for("READY", "1")["STATUS"] == "1 user online, 1 connection"
+    alice.close()
 
 
 def test_watchdog_pings_at_half_the_interval(

@@ -52,7 +52,8 @@ step "boot"
 # Leftovers of an earlier run (the root filesystem persists between boots).
 B systemctl stop chatd.socket chatd.service 2>/dev/null || true
 B systemctl reset-failed chatd.socket chatd.service 2>/dev/null || true
-B rm -rf /root/chatd-src /root/wheels /etc/chatd /usr/local/lib/chatd \
+B rm -rf /root/chatd-src /root/wheels /etc/chatd /usr/local/lib/chatd /var/lib/private/chatd \
+    /etc/systemd/system/chatd.socket.d \
     /usr/local/lib/systemd/system/chatd.service /usr/local/lib/systemd/system/chatd.socket
 "$BOX" copy "$STAGE/src" /root/chatd-src
 "$BOX" copy "$STAGE/wheels" /root/wheels
@@ -155,11 +156,11 @@ B systemctl reload chatd
 wait_event reload_failed '"max_clients" in e["error"]'
 for i in $(seq 1 30); do
     status=$(B systemctl status chatd --no-pager -l) || true
-    grep -qF 'Status: "reload failed, old config kept: ' <<<"$status" && break
+    grep -qF '; reload failed, old config kept: ' <<<"$status" && break
     sleep 0.2
 done
 grep -F 'Status: ' <<<"$status"
-grep -qF 'Status: "reload failed, old config kept: ' <<<"$status" || fail "STATUS does not tell of the failed reload"
+grep -qF '; reload failed, old config kept: ' <<<"$status" || fail "STATUS does not tell of the failed reload"
 [ "$(B systemctl is-active chatd)" = active ] || fail "chatd stopped on an invalid config"
 B $CHECK too-long "$PORT" 200  # the old config (max_message_bytes: 100) still holds
 B cp /root/chatd.yaml.good /etc/chatd/chatd.yaml
@@ -171,7 +172,8 @@ wait_event message 'e["user"] == "bob" and e["text"] == "hello from bob"'
 wait_event leave
 B journalctl -u chatd --no-pager -n 5 -o cat
 
-step "Restart=on-failure: SIGKILL brings it back"
+step "Restart=on-failure: SIGKILL brings it back, with its bans (StateDirectory)"
+B chatctl ban eve --reason "system test"
 B kill -KILL "$pid"
 for i in $(seq 1 50); do
     new=$(B systemctl show -p MainPID --value chatd)
@@ -180,6 +182,13 @@ for i in $(seq 1 50); do
 done
 [ "$new" != 0 ] && [ "$new" != "$pid" ] || fail "chatd was not restarted after SIGKILL"
 echo "restarted: pid $pid -> $new"
+for i in $(seq 1 50); do
+    bans=$(B chatctl bans 2>&1) && break
+    sleep 0.1
+done
+echo "$bans"
+grep -Eq "^eve +name +never .*system test$" <<<"$bans" || fail "the ban did not survive the restart"
+B chatctl unban eve
 
 step "systemctl stop chatd: inactive, control socket gone"
 wait_event startup 'e["pid"] == '"$new"
@@ -190,13 +199,18 @@ B test ! -e /run/chatd || fail "/run/chatd (the control socket's directory) is s
 wait_event shutdown
 
 step "socket activation: chatd.socket starts chatd on the first connection"
+# A second, privileged port (below 1024) that the unprivileged chatd serves all the same.
+B mkdir -p /etc/systemd/system/chatd.socket.d
+B sh -c 'printf "[Socket]\nListenStream=127.0.0.1:99\n" > /etc/systemd/system/chatd.socket.d/low-port.conf'
+B systemctl daemon-reload
 B systemctl start chatd.socket
 st=$(B systemctl is-active chatd.service || true)
 [ "$st" = inactive ] || fail "chatd.service is $st before any connection"
 B $CHECK wait "$PORT" 10
 [ "$(B systemctl is-active chatd.service)" = active ] || fail "the connection did not start chatd"
 B systemctl show -p TriggeredBy --value chatd.service | grep -q chatd.socket || fail "not triggered by chatd.socket"
-wait_event startup 'e["listen"] == ["127.0.0.1:'"$PORT"'"]'
+wait_event startup 'e["listen"] == ["127.0.0.1:'"$PORT"'", "127.0.0.1:99"]'
+B $CHECK chat 99
 B systemctl status chatd.service --no-pager -l | head -n 8 || true
 
 step "socket activation: a connection while chatd is stopped waits, then is served"
@@ -205,6 +219,8 @@ B systemctl stop chatd.service
 B $CHECK wait "$PORT" 10
 [ "$(B systemctl is-active chatd.service)" = active ] || fail "chatd was not started again"
 B systemctl stop chatd.socket chatd.service
+B rm -rf /etc/systemd/system/chatd.socket.d
+B systemctl daemon-reload
 for u in chatd.socket chatd.service; do
     st=$(B systemctl is-active "$u" || true)
     [ "$st" = inactive ] || fail "$u is $st after stop"
