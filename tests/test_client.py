@@ -1,0 +1,554 @@
+"""The `chat` client: pure helpers, and the real client against the real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pexpect
+import pytest
+from helpers import NOTICE, Daemon
+
+from chatd import client
+from chatd.client import classify, plain, split_line
+
+CHAT = [sys.executable, "-c", "import sys; from chatd.client import main; sys.exit(main())"]
+WHEN = datetime(2026, 1, 2, 3, 4, 5)
+LINE = re.compile(r"\d\d:\d\d:\d\d ")
+
+# Pure parts.
+
+
+@pytest.mark.parametrize(
+    ("sender", "kind", "name", "line"),
+    [
+        ("alice", "message", "alice", "03:04:05 alice: hi"),
+        ("chatd", "notice", "chatd", "03:04:05 chatd: hi"),
+        ("alice (private)", "private", "alice", "03:04:05 alice (private): hi"),
+        ("* alice", "action", "alice", "03:04:05 * alice hi"),
+        ("(private)", "message", "(private)", "03:04:05 (private): hi"),
+        ("*", "message", "*", "03:04:05 *: hi"),
+    ],
+)
+def test_classify_and_plain(sender: str, kind: str, name: str, line: str) -> None:
+    event = classify(sender, "hi", WHEN)
+    assert (event.kind, event.name) == (kind, name)
+    assert plain(event) == line
+
+
+def test_json_line() -> None:
+    doc = json.loads(client.as_json(classify("alice (private)", "ünï", WHEN)))
+    assert doc["type"] == "private"
+    assert doc["from"] == "alice"
+    assert doc["text"] == "ünï"
+    assert datetime.fromisoformat(doc["time"]).replace(tzinfo=None) == WHEN
+
+
+@pytest.mark.parametrize(
+    ("line", "kind", "text", "to"),
+    [
+        ("hi", "message", "hi", ""),
+        ("//who", "message", "/who", ""),
+        ("/me waves", "action", "waves", ""),
+        ("/msg bob hi there", "private", "hi there", "bob"),
+        ("/who", "command", "/who", ""),
+        ("/msg bob", "command", "/msg bob", ""),
+    ],
+)
+def test_own_lines(line: str, kind: str, text: str, to: str) -> None:
+    event = client.own_event("alice", line)
+    assert (event.kind, event.text, event.to, event.own) == (kind, text, to, True)
+
+
+def test_short_lines_are_sent_whole() -> None:
+    assert split_line("x" * 100, 100) == ["x" * 100]
+    assert split_line("/frob " + "x" * 200, 100) == ["/frob " + "x" * 200]
+
+
+def test_long_lines_are_split_keeping_their_meaning() -> None:
+    pieces = split_line("é" * 150, 100)  # 300 bytes
+    assert "".join(pieces) == "é" * 150
+    assert all(len(p.encode()) <= 100 for p in pieces)
+    assert split_line("a" * 99 + "/who", 100) == ["a" * 99, "//who"]
+    msg = split_line("/msg bob " + "x" * 150, 100)
+    assert all(p.startswith("/msg bob ") and len(p.encode()) <= 100 for p in msg)
+    assert "".join(p.removeprefix("/msg bob ") for p in msg) == "x" * 150
+    me = split_line("/me " + "y" * 150, 100)
+    assert all(p.startswith("/me ") for p in me)
+    slashed = split_line("//" + "z" * 150, 100)
+    assert slashed[0] == "//" + "z" * 98
+    assert "".join(slashed).replace("//", "/", 1) == "/" + "z" * 150
+
+
+def test_room_events_are_not_reasons() -> None:
+    assert client.is_room_event("bob joined")
+    assert client.is_room_event("bob left (slow consumer)")
+    assert client.is_room_event("welcome, bob; nobody else is online")
+    assert not client.is_room_event("the server is shutting down")
+    assert not client.is_room_event("you were kicked: spam")
+
+
+# Pipe mode.
+
+
+def run_chat(
+    port: int, *args: str, stdin: str = "", timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CHAT, "-p", str(port), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def spawn_chat(port: int, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*CHAT, "-p", str(port), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def welcomed(proc: subprocess.Popen[str]) -> None:
+    """Wait until the piped client ``proc`` has printed its welcome."""
+    assert proc.stdout
+    line = proc.stdout.readline()
+    assert "chatd: welcome, " in line, line
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_pipe_sends_every_line_and_confirms(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    lines = [f"line {i}" for i in range(40)]  # under the flood burst (50)
+    done = run_chat(
+        daemon.port, "-u", "ci", "127.0.0.1", stdin="\n".join([*lines, "/me waves", "//x"])
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.splitlines()[0][9:] == "chatd: welcome, ci; online: alice"
+    assert LINE.match(done.stdout)
+    alice.expect(NOTICE, "ci joined")
+    for line in lines:
+        alice.expect("ci", line)
+    alice.expect("* ci", "waves")
+    alice.expect("ci", "/x")  # the last line had no newline, and came through
+    alice.expect(NOTICE, "ci left (quit)")  # all were taken before it left
+
+
+def test_pipe_prints_what_arrives(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    ci = spawn_chat(daemon.port, "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    daemon.wait_for("join", user="ci")
+    alice = daemon.client("alice")
+    alice.send("hello ci")
+    alice.send("/me waves")
+    alice.send("/msg ci psst")
+    daemon.wait_for("message", user="alice", kind="private")
+    out, err = ci.communicate("", timeout=20)
+    assert ci.returncode == 0, err
+    shown = [line[9:] for line in out.splitlines()]
+    assert shown == [
+        "chatd: welcome, ci; nobody else is online",
+        "chatd: alice joined",
+        "alice: hello ci",
+        "* alice waves",
+        "alice (private): psst",
+    ]
+    assert all(LINE.match(line) for line in out.splitlines())
+
+
+def test_pipe_json(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    ci = spawn_chat(daemon.port, "--json", "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    daemon.wait_for("join", user="ci")
+    alice = daemon.client("alice")
+    alice.send("hello ci")
+    alice.send("/msg ci psst")
+    daemon.wait_for("message", user="alice", kind="private")
+    out, err = ci.communicate("/who\n", timeout=20)
+    assert ci.returncode == 0, err
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert [(d["type"], d["from"], d["text"]) for d in docs] == [
+        ("notice", "chatd", "welcome, ci; nobody else is online"),
+        ("notice", "chatd", "alice joined"),
+        ("message", "alice", "hello ci"),
+        ("private", "alice", "psst"),
+        ("notice", "chatd", "online (2): ci, alice"),
+    ]
+    for d in docs:
+        assert datetime.fromisoformat(d["time"]).tzinfo is not None
+
+
+def test_pipe_commands(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    bob = daemon.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    done = run_chat(
+        daemon.port,
+        "-u",
+        "ci",
+        "127.0.0.1",
+        stdin="/who\n/msg bob for bob only\n/frob\n/msg nobody hi\n/help\n",
+    )
+    assert done.returncode == 0, done.stderr
+    shown = [line[9:] for line in done.stdout.splitlines()]
+    assert "chatd: online (3): alice, bob, ci" in shown
+    assert "chatd: unknown command /frob; /help lists the commands" in shown
+    assert "chatd: message not sent: nobody called 'nobody' is online" in shown
+    assert "chatd: /msg NAME TEXT - a private message to NAME alone" in shown
+    bob.expect(NOTICE, "ci joined")
+    bob.expect("ci (private)", "for bob only")
+    bob.expect(NOTICE, "ci left (quit)")
+    alice.expect(NOTICE, "ci joined")
+    alice.expect(NOTICE, "ci left (quit)")  # no command, no private message
+
+
+def test_long_lines_arrive_in_pieces(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    done = run_chat(daemon.port, "-u", "ci", "127.0.0.1", stdin="é" * 3000 + "\n")
+    assert done.returncode == 0, done.stderr
+    alice.expect(NOTICE, "ci joined")
+    first = alice.recv_text("ci")
+    second = alice.recv_text("ci")
+    assert first + second == "é" * 3000
+    assert len(first.encode()) <= 4096
+
+
+def test_invalid_utf8_line_is_skipped(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    done = subprocess.run(
+        [*CHAT, "-p", str(daemon.port), "-u", "ci", "127.0.0.1"],
+        input=b"good\n\xff\xfe bad\nalso good\n",
+        capture_output=True,
+        timeout=20,
+    )
+    assert done.returncode == 0
+    assert done.stderr.decode() == "chat: line 2 is not valid UTF-8; not sent\n"
+    alice.expect(NOTICE, "ci joined")
+    alice.expect("ci", "good")
+    alice.expect("ci", "also good")
+
+
+# Errors and exit statuses.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_connection_refused() -> None:
+    port = free_port()
+    done = run_chat(port, "-u", "ci", "127.0.0.1")
+    assert done.returncode == client.REFUSED == 4
+    assert done.stderr == f"chat: cannot connect to 127.0.0.1 port {port}: connection refused\n"
+    assert done.stdout == ""
+
+
+def test_invalid_host_name() -> None:
+    done = run_chat(1234, "-u", "ci", "no..such")
+    assert done.returncode == client.UNKNOWN_HOST == 3
+    assert done.stderr == "chat: unknown host 'no..such': not a valid host name\n"
+
+
+def can_unshare_net() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    done = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not can_unshare_net(), reason="needs root and unshare --net")
+def test_unknown_host() -> None:
+    # In a network namespace of its own, the name lookup cannot leave the machine.
+    done = subprocess.run(
+        ["unshare", "--net", *CHAT, "-u", "ci", "nosuch.invalid"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == client.UNKNOWN_HOST
+    assert done.stderr.startswith("chat: unknown host 'nosuch.invalid': "), done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("chatd", "name rejected: the name 'chatd' is reserved"),
+        ("ALICE", "name rejected: 'ALICE' is already taken"),
+        ("a" * 40, "name rejected: the name is too long (at most 32 bytes)"),
+    ],
+)
+def test_name_rejected(daemon: Daemon, name: str, reason: str) -> None:
+    alice = daemon.client("alice")
+    done = run_chat(daemon.port, "-u", name, "127.0.0.1", stdin="never sent\n")
+    assert done.returncode == client.NAME_REJECTED == 5
+    assert done.stderr == f"chat: {reason}\n"
+    alice.expect_nothing()
+    assert not daemon.find("message")
+
+
+def test_server_full(start: Callable[..., Daemon]) -> None:
+    daemon = start({"max_clients": 1})
+    alice = daemon.client("alice")
+    done = run_chat(daemon.port, "-u", "ci", "127.0.0.1")
+    alice.expect_nothing()
+    assert done.returncode == client.DISCONNECTED == 7
+    assert done.stderr == "chat: refused by the server: the server is full, try again later\n"
+
+
+def test_disconnected_by_the_server(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    ci = spawn_chat(daemon.port, "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    welcomed(ci)
+    assert daemon.stop() == 0
+    ci.wait(20)  # stdin is still open: the server's close alone ends it
+    assert ci.returncode == client.DISCONNECTED
+    assert ci.stderr and ci.stderr.read() == (
+        "chat: disconnected by the server: the server is shutting down\n"
+    )
+
+
+def test_connection_lost(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    ci = spawn_chat(daemon.port, "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    welcomed(ci)
+    daemon.proc.kill()
+    ci.wait(20)
+    assert ci.returncode == client.LOST == 8
+    assert ci.stderr and ci.stderr.read() == (
+        f"chat: connection to 127.0.0.1 port {daemon.port} lost\n"
+    )
+
+
+def test_ctrl_c_in_pipe_mode(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    ci = spawn_chat(daemon.port, "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    daemon.wait_for("join", user="ci")
+    ci.send_signal(signal.SIGINT)
+    ci.wait(20)
+    assert ci.returncode == client.INTERRUPTED
+    assert ci.stderr and ci.stderr.read() == ""
+
+
+def test_usage_errors() -> None:
+    done = subprocess.run([*CHAT, "-u", "x", "-p", "99999", "h"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "expected a port number 1-65535, got '99999'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_help_documents_the_exit_statuses() -> None:
+    script = Path(sys.executable).with_name("chat")
+    argv = [str(script)] if script.exists() else CHAT
+    done = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0
+    assert "usage: chat" in done.stdout
+    assert "5 name rejected, 6 kicked" in done.stdout
+
+
+def test_reconnect(start: Callable[..., Daemon], procs: list[subprocess.Popen[str]]) -> None:
+    first = start()
+    port = first.port
+    ci = spawn_chat(port, "--reconnect", "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    welcomed(ci)
+    first.stop()
+    assert ci.stderr
+    line = ci.stderr.readline()
+    assert line.startswith(
+        "chat: disconnected by the server: the server is shutting down; reconnecting in "
+    ), line
+    second = start({"listen": [f"127.0.0.1:{port}"]})
+    alice = second.client("alice")
+    deadline = time.monotonic() + 60  # backoff grows while the new daemon starts
+    while not second.find("join", user="ci"):
+        assert time.monotonic() < deadline, "no reconnect"
+        time.sleep(0.1)
+    alice.expect(NOTICE, "ci joined")
+    out, err = ci.communicate("back again\n", timeout=20)
+    assert ci.returncode == 0, err
+    assert f"chat: reconnected to 127.0.0.1 port {port}\n" in line + err
+    alice.expect("ci", "back again")
+    assert out.count("chatd: welcome, ci") == 1  # the second: the first was read already
+
+
+def test_no_reconnect_after_a_rejected_name(
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
+    ci = daemon.client("ci")
+    done = run_chat(daemon.port, "--reconnect", "-u", "ci", "127.0.0.1")
+    ci.expect_nothing()
+    assert done.returncode == client.NAME_REJECTED
+    assert "reconnecting" not in done.stderr
+
+
+# Interactive mode, through a pseudo-terminal.
+
+
+def spawn_tty(port: int, name: str, **env: str) -> pexpect.spawn:
+    full = {**os.environ, "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1", **env}
+    if not env.get("NO_COLOR"):
+        full.pop("NO_COLOR", None)
+    child = pexpect.spawn(
+        CHAT[0],
+        [*CHAT[1:], "-u", name, "-p", str(port), "127.0.0.1"],
+        env=full,
+        encoding="utf-8",
+        timeout=10,
+        dimensions=(24, 100),
+    )
+    child.expect(f"welcome, {name}")
+    if full["TERM"] != "dumb":  # a dumb terminal gets no redrawn prompt
+        child.expect(f"{name}>")
+    return child
+
+
+@pytest.fixture
+def ttys() -> Iterator[list[pexpect.spawn]]:
+    started: list[pexpect.spawn] = []
+    yield started
+    for child in started:
+        child.close(force=True)
+
+
+def quit_tty(child: pexpect.spawn) -> int:
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    return int(child.exitstatus)
+
+
+def test_message_arriving_while_typing(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
+    alice = daemon.client("alice")
+    bob = spawn_tty(daemon.port, "bob")
+    ttys.append(bob)
+    alice.expect(NOTICE, "bob joined")
+    bob.send("half_typed")
+    bob.expect("half_typed")
+    alice.send("hello_bob")
+    bob.expect("hello_bob")  # shown at once, before bob presses Enter
+    bob.expect("half_typed")  # and the line bob is typing is drawn again below it
+    bob.send("_and_finished\r")
+    assert alice.recv() == ("bob", "half_typed_and_finished")  # nothing garbled
+    bob.expect("half_typed_and_finished")  # bob's own line, shown back
+    bob.expect("bob>")
+    assert quit_tty(bob) == 0
+    alice.expect(NOTICE, "bob left (quit)")
+
+
+def test_interactive_commands(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
+    alice = daemon.client("alice")
+    carol = daemon.client("carol")
+    alice.expect(NOTICE, "carol joined")
+    bob = spawn_tty(daemon.port, "bob")
+    ttys.append(bob)
+    alice.expect(NOTICE, "bob joined")
+    carol.expect(NOTICE, "bob joined")
+    bob.send("/who\r")
+    bob.expect(re.escape("-- online (3): alice, carol, bob"))
+    bob.send("/msg alice only_for_alice\r")
+    bob.expect("only_for_alice")
+    assert alice.recv() == ("bob (private)", "only_for_alice")
+    bob.send("/me nods\r")
+    bob.expect(re.escape("* bob nods"))
+    assert alice.recv() == ("* bob", "nods")
+    assert carol.recv() == ("* bob", "nods")  # carol never saw the private message
+    alice.send("/msg bob psst")
+    bob.expect(re.escape("alice (private):"))
+    bob.expect("psst")
+    bob.send("//slash\r")
+    assert alice.recv() == ("bob", "/slash")
+    bob.send("/frob\r")
+    bob.expect(re.escape("-- unknown command /frob"))
+    bob.expect("bob>")
+    bob.send("/quit\r")
+    bob.expect(pexpect.EOF)
+    bob.close()
+    assert bob.exitstatus == 0
+    carol.expect("bob", "/slash")
+    carol.expect(NOTICE, "bob left (quit)")
+
+
+def sgr_colors(text: str) -> set[str]:
+    """The color parameters of the SGR sequences in ``text``."""
+    colors = set()
+    for params in re.findall(r"\x1b\[([0-9;]*)m", text):
+        for p in params.split(";"):
+            if p and (30 <= int(p) <= 38 or 90 <= int(p) <= 97):
+                colors.add(p)
+    return colors
+
+
+@pytest.mark.parametrize("no_color", [False, True])
+def test_no_color(daemon: Daemon, ttys: list[pexpect.spawn], no_color: bool) -> None:
+    alice = daemon.client("alice")
+    bob = spawn_tty(daemon.port, "bob", **({"NO_COLOR": "1"} if no_color else {}))
+    ttys.append(bob)
+    alice.send("/me shows_a_color")
+    bob.expect("shows_a_color")
+    assert bool(sgr_colors(bob.before + bob.after)) != no_color
+    assert quit_tty(bob) == 0
+
+
+def test_dumb_terminal(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
+    alice = daemon.client("alice")
+    bob = spawn_tty(daemon.port, "bob", TERM="dumb")
+    ttys.append(bob)
+    bob.send("typed_")
+    bob.expect("typed_")
+    alice.send("to_a_dumb_terminal")
+    bob.expect("to_a_dumb_terminal")
+    bob.send("from_a_dumb_terminal\r")
+    assert alice.recv_text("bob") == "typed_from_a_dumb_terminal"
+    bob.expect("typed_from_a_dumb_terminal")
+    assert not sgr_colors(bob.before)
+
+
+def test_ctrl_c_in_interactive_mode(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
+    bob = spawn_tty(daemon.port, "bob")
+    ttys.append(bob)
+    bob.send("some_text")
+    bob.expect("some_text")
+    bob.sendintr()
+    bob.expect(pexpect.EOF)
+    bob.close()
+    assert bob.exitstatus == client.INTERRUPTED
+    assert "Traceback" not in (bob.before or "")
+    daemon.wait_for("leave", user="bob")
+
+
+def test_interactive_connection_lost(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
+    bob = spawn_tty(daemon.port, "bob")
+    ttys.append(bob)
+    bob.send("unsent")
+    daemon.proc.kill()
+    bob.expect(f"chat: connection to 127.0.0.1 port {daemon.port} lost")
+    bob.expect(pexpect.EOF)
+    bob.close()
+    assert bob.exitstatus == client.LOST
