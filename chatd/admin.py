@@ -426,28 +426,9 @@ class ControlServer:
             self.server.log.info("control_directory_created", directory=directory)
 
     def _clear_stale(self, path: str) -> None:
-        from chatd.server import StartupError
-
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"cannot create control socket {path}: a file that is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
+        if probe_control_socket(path):
             os.unlink(path)
             self.server.log.warning("control_stale_replaced", path=path)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.ETIMEDOUT):
-                raise
-        finally:
-            probe.close()
-        raise StartupError(f"control socket {path} is live: another chatd is running")
 
     def _chown_group(self, path: str) -> None:
         if self.admin_gid is None or self.admin_gid == os.getegid():
@@ -522,6 +503,39 @@ class ControlServer:
         if gid is None:
             return False
         return admin.gid == gid or gid in _process_groups(admin.pid)
+
+
+def probe_control_socket(path: str) -> bool:
+    """Whether a stale socket (nobody answers) is at ``path``; False if nothing is.
+
+    Raises StartupError if a live chatd answers there or the file is not a socket.
+    """
+    from chatd.server import StartupError
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StartupError(
+            f"cannot create control socket {path}: {(e.strerror or str(e)).lower()}"
+        ) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"cannot create control socket {path}: a file that is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.ETIMEDOUT):
+            raise StartupError(
+                f"cannot create control socket {path}: {(e.strerror or str(e)).lower()}"
+            ) from None
+    finally:
+        probe.close()
+    raise StartupError(f"control socket {path} is live: another chatd is running")
 
 
 def _process_groups(pid: int) -> set[int]:

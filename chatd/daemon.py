@@ -1,7 +1,8 @@
 """`chatd --daemon`: detach with python-daemon, for systems without systemd.
 
 Everything that can fail for a reason the admin must see (the pidfile is
-held, the address is taken, the log file cannot be opened) is checked before
+held, the address is taken, another chatd answers on the control socket, the
+log file cannot be opened) is checked before
 detaching, while stderr is still the terminal.  Then DaemonContext forks
 twice, keeps the listening sockets and the log file open and takes the
 pidfile; its signal map ignores only the terminal job-control signals, so
@@ -22,6 +23,7 @@ from typing import Any
 import daemon  # type: ignore[import-untyped]
 
 from chatd import systemd
+from chatd.admin import probe_control_socket
 from chatd.config import Config, ConfigError
 from chatd.server import Server, StartupError, bind_all
 
@@ -144,6 +146,9 @@ def run(
         print(f"chatd: error: log.file: cannot open {cfg.log.file}: {e.strerror}", file=sys.stderr)
         return 1
     try:
+        # A live control socket is found now, while stderr is the terminal.
+        if cfg.control.socket:
+            probe_control_socket(cfg.control.socket)
         sockets = systemd.listen_fds() or bind_all(cfg.listen)
     except (StartupError, systemd.ActivationError) as e:
         print(f"chatd: error: {e}", file=sys.stderr)

@@ -560,3 +560,31 @@ def test_chatctl_help_lists_every_command() -> None:
     for cmd in ("list", "kick", "ban", "unban", "bans", "say", "stats", "reload"):
         assert cmd in r.stdout
     assert "3 chatd not reachable" in " ".join(r.stdout.split())
+
+
+def test_daemon_mode_refuses_a_live_socket_before_detaching(daemon: Daemon, tmp_path: Path) -> None:
+    cfg = tmp_path / "detached.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "listen": ["127.0.0.1:0"],
+                "log": {"file": str(tmp_path / "chatd.log")},
+                "control": {"socket": daemon.control_path},
+                "state_file": str(tmp_path / "state.json"),
+            }
+        )
+    )
+    pidfile = str(tmp_path / "chatd.pid")
+    r = subprocess.run(
+        [sys.executable, "-m", "chatd", "-c", str(cfg), "--daemon", "--pidfile", pidfile],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert (r.returncode, r.stderr) == (
+        1,
+        f"chatd: error: control socket {daemon.control_path} is live: another chatd is running\n",
+    )
+    assert not (tmp_path / "chatd.pid").exists()
+    assert daemon.result("list") == {"users": []}
