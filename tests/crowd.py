@@ -13,12 +13,19 @@ from helpers import frame
 
 
 def raise_nofile(need: int) -> None:
-    """Raise this process's open-file soft limit to ``need`` (skip-worthy if impossible)."""
+    """Raise this process's open-file limit to ``need`` (the hard one too, as root).
+
+    Raises OSError if that is not allowed; daemons started afterwards inherit it.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= need:
         return
     if hard != resource.RLIM_INFINITY and hard < need:
-        raise OSError(f"RLIMIT_NOFILE hard limit {hard} is below {need}")
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+        except (ValueError, OSError) as e:
+            raise OSError(f"RLIMIT_NOFILE hard limit {hard} is below {need}: {e}") from None
+        return
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 

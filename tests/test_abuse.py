@@ -95,12 +95,22 @@ def test_a_stalled_frame_holds_up_nobody(daemon_by: tuple[Daemon, Bystanders], w
     by.check()
 
 
-@pytest.mark.slow
-def test_a_client_that_never_reads_while_another_sends_50_mb(
-    start: Callable[..., Daemon],
+@pytest.mark.parametrize(
+    ("megabytes", "max_queue_bytes"),
+    [(8, 262144), pytest.param(50, 1024 * 1024, marks=pytest.mark.slow)],
+)
+def test_a_client_that_never_reads_while_another_sends_megabytes(
+    start: Callable[..., Daemon], megabytes: int, max_queue_bytes: int
 ) -> None:
-    total = 50 * 1024 * 1024
-    daemon = start({**QUICK_EXIT, "flood": {"rate": 0}, "log": {"messages": False}})
+    total = megabytes * 1024 * 1024
+    daemon = start(
+        {
+            **QUICK_EXIT,
+            "max_queue_bytes": max_queue_bytes,
+            "flood": {"rate": 0},
+            "log": {"messages": False},
+        }
+    )
     stuck = Client(daemon.port)
     stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.join("stuck")
@@ -307,7 +317,10 @@ def test_churn(start: Callable[..., Daemon]) -> None:
 
 
 def _crowd_broadcast(start: Callable[..., Daemon], n: int) -> int:
-    raise_nofile(n + 1000)
+    try:
+        raise_nofile(n + 1000)
+    except OSError as e:
+        pytest.skip(f"cannot open {n} connections here: {e}")
     daemon = start({**QUICK_EXIT, "max_clients": n + 100, "log": {"messages": False}})
     by = Bystanders(daemon)
     crowd = Crowd(daemon.port)
