@@ -249,6 +249,7 @@ def cmd_stats(server: Server, admin: Admin, args: dict[str, Any]) -> Any:
         "bytes_out": st.bytes_out + sum(c.bytes_out for c in live),
         "rejected": dict(sorted(st.rejected.items())),
         "evictions": st.evictions,
+        "flood_dropped": st.flood_dropped,
         "kicks": st.kicks,
         "bans": len(server.bans.active(time.time())),
     }

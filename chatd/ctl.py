@@ -334,6 +334,7 @@ def show_stats(result: Any) -> str:
         ("bytes out", result["bytes_out"]),
         ("rejected", rejected),
         ("evictions", result["evictions"]),
+        ("dropped for flooding", result["flood_dropped"]),
         ("kicks", result["kicks"]),
         ("bans", result["bans"]),
     ]

@@ -160,6 +160,7 @@ def test_stats_counts_what_happened(daemon: Daemon) -> None:
     assert st["rejected"] == {"name taken": 1}
     assert st["connections_total"] == 3
     assert st["evictions"] == 0 and st["kicks"] == 0 and st["bans"] == 0
+    assert st["flood_dropped"] == 0
     sent_in = len(b"".join(_frames("alice", "hello", "bob", "Alice")))
     assert st["bytes_in"] == sent_in
     assert st["bytes_out"] > 0 and 0 <= st["uptime"] < 120 and st["started"].endswith("Z")

@@ -70,6 +70,7 @@ def test_flood_over_the_burst_is_dropped_and_only_the_sender_is_told(
     mallory.send("calm again")
     alice.expect("mallory", "calm again")
     assert daemon.wait_for("flood_end", user="mallory")["dropped"] == 15
+    assert daemon.result("stats")["flood_dropped"] == 15
     by.check()
 
 
