@@ -141,7 +141,7 @@ class Daemon:
         return cpu_seconds(self.pid)
 
     def profile(self, tag: str) -> None:
-        """With --profile, sample the daemon with py-spy from now until it stops."""
+        """With --profile, sample the daemon with py-spy until profile_stop()."""
         if self.profile_dir is None or self.profiler is not None:
             return
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -171,12 +171,19 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._drain.join(5)
-        if self.profiler is not None:
-            try:
-                self.profiler.wait(30)
-            except subprocess.TimeoutExpired:
-                self.profiler.kill()
-                self.profiler.wait()
+        self.profile_stop()
+
+    def profile_stop(self) -> None:
+        """End the sampling started by profile(); py-spy writes its file on SIGINT."""
+        if self.profiler is None:
+            return
+        if self.profiler.poll() is None:
+            self.profiler.send_signal(signal.SIGINT)
+        try:
+            self.profiler.wait(30)
+        except subprocess.TimeoutExpired:
+            self.profiler.kill()
+            self.profiler.wait()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -513,6 +520,7 @@ def fanout(args: argparse.Namespace, receivers: int, rounds: int) -> dict[str, A
                         "saturated": saturated(cpu),
                     }
                 )
+            daemon.profile_stop()
             return summarize(results) | {
                 "receivers": receivers,
                 "senders": senders_n,
@@ -610,6 +618,8 @@ def latency(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
                         "saturated": saturated(cpu),
                     }
                 )
+            daemon.profile_stop()
+            daemon.profile_stop()
             return summarize(results) | {
                 "receivers": receivers,
                 "probes": probes_n,
@@ -652,6 +662,7 @@ def capacity(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
                 except BenchError as e:
                     stopped = f"stopped after {clients} clients: {e}"
                     print(f"    {stopped}", file=sys.stderr)
+                daemon.profile_stop()
                 if not steps:
                     raise BenchError(stopped)
                 rss_top = steps[-1]["rss_mib"] * 1024
@@ -726,6 +737,7 @@ def join_storm(args: argparse.Namespace, in_flight: int, rounds: int) -> dict[st
                 except BenchError:
                     took, joined = args.step_limit, gen.joined
                 cpu = meter.read()
+                daemon.profile_stop()
                 refused = sum(gen.failed.values())
                 results.append(
                     {
