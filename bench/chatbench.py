@@ -739,9 +739,11 @@ def join_storm(args: argparse.Namespace, in_flight: int, rounds: int) -> dict[st
                 cpu = meter.read()
                 daemon.profile_stop()
                 refused = sum(gen.failed.values())
+                busy = cpu["daemon_cpu"] * (time.monotonic() - meter.t0)
                 results.append(
                     {
                         "joins_per_s": round(len(joined) / took),
+                        "chatd_cpu_us_per_join": round(busy / max(len(joined), 1) * 1e6, 1),
                         "joined": len(joined),
                         "refused_or_reset": refused,
                         "failures": dict(gen.failed),
@@ -861,7 +863,8 @@ def table(res: dict[str, Any]) -> str:
                 (
                     f"d join storm {r['clients']:,}, {r['in_flight']} in flight",
                     "joins/s (refused/reset)",
-                    f"{r['joins_per_s']:,} ({r['refused_or_reset_total']})",
+                    f"{r['joins_per_s']:,} ({r['refused_or_reset_total']}), "
+                    f"chatd {r['chatd_cpu_us_per_join']} us/join",
                     target,
                     _cpu(r),
                 )
