@@ -165,6 +165,10 @@ class Room:
         special.update(fresh)
         broadcasts = [data for data, _, only in batch if only is None]
         shared = b"".join(broadcasts)
+        if fresh:
+            # Newcomers first: their welcome should not wait for the whole room.
+            # They joined last, so they are the last len(fresh) members.
+            members = members[-len(fresh) :] + members[: -len(fresh)]
         for m in members:
             start = special.get(id(m))
             if start is not None:

@@ -373,12 +373,12 @@ class Server:
         conn.name = name
         conn.state = JOINED
         conn.decoder.max_payload = cfg.max_message_bytes
-        conn.rebind_log()
+        conn.log = conn.log.bind(user=name)
         room = self.room
         room.join(conn)
         self.stats.peak_users = max(self.stats.peak_users, len(room))
         self.users_changed()
-        conn.log.info("join")
+        log.hot(conn.log, "join")
         room.send_to(conn, NOTICE_SENDER, f"welcome, {name}; {online_line(room, conn)}")
         room.notice(f"{name} joined", exclude=conn)
 

@@ -103,3 +103,11 @@ def test_reconfiguring_writes_kept_lines_to_the_old_stream_first(stream: io.Stri
     log.flush()
     assert [json.loads(x)["event"] for x in _lines(stream)] == ["before"]
     assert [json.loads(x)["event"] for x in _lines(other)] == ["after"]
+
+
+def test_hot_writes_nothing_above_info() -> None:
+    out = io.StringIO()
+    log.configure(LogConfig(format="json", level="warning", messages=True), stream=out)
+    log.hot(log.get(user="a"), "join")
+    log.get().warning("shown")
+    assert [json.loads(x)["event"] for x in out.getvalue().splitlines()] == ["shown"]

@@ -103,6 +103,28 @@ def test_joins_during_a_pass_keep_one_delivery_per_member() -> None:
     assert room.deliveries == 3 + 3 + 2 + 1
 
 
+def test_newcomers_are_served_before_the_rest_of_the_room() -> None:
+    order: list[str] = []
+
+    class Recorder(Member):
+        def deliver(self, data: bytes) -> None:
+            order.append(self.name)
+            super().deliver(data)
+
+    room = Room()
+    old = [Recorder(f"o{i}") for i in range(3)]
+    for m in old:
+        room.join(m)
+    room.notice("hello")
+    new = [Recorder(f"n{i}") for i in range(2)]
+    for m in new:
+        room.join(m)
+        room.send_to(m, NOTICE_SENDER, "welcome")
+    room.flush()
+    assert order == ["n0", "n1", "o0", "o1", "o2"]
+    assert [m.pairs() for m in new] == [[(NOTICE_SENDER, "welcome")]] * 2
+
+
 def test_a_member_who_rejoins_in_the_same_pass_starts_afresh() -> None:
     room = Room()
     a, b = Member("a"), Member("b")
