@@ -571,17 +571,30 @@ class TerminalUI:
 
         self.style = Style.from_dict(STYLE_RULES)
         self.color_depth = ColorDepth.DEPTH_1_BIT if no_color() else None
+        self.dumb = os.environ.get("TERM", "") in ("", "dumb")
 
     def _print(self, fragments: list[tuple[str, str]]) -> None:
         from prompt_toolkit import print_formatted_text
+        from prompt_toolkit.application import get_app_or_none
         from prompt_toolkit.formatted_text import FormattedText
+        from prompt_toolkit.renderer import print_formatted_text as render
 
-        print_formatted_text(
-            FormattedText(fragments),
-            style=self.style,
-            color_depth=self.color_depth,
-            include_default_pygments_style=False,
-        )
+        app = get_app_or_none()
+        if app is None or not app.is_running or app.is_done or self.dumb:
+            print_formatted_text(
+                FormattedText(fragments),
+                style=self.style,
+                color_depth=self.color_depth,
+                include_default_pygments_style=False,
+            )
+            return
+        # Above a running prompt.  Not print_formatted_text, which goes through
+        # run_in_terminal: that switches the terminal to cooked mode for the
+        # print, and a key pressed just then (Ctrl-D, Ctrl-C) is lost.
+        app.renderer.erase()
+        render(app.output, [*fragments, ("", "\n")], self.style, color_depth=app.color_depth)
+        app.output.flush()
+        app.invalidate()
 
     def show(self, event: Event) -> None:
         self._print(styled(event))
@@ -604,6 +617,7 @@ class Interrupted(Exception):
 
 async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
     from prompt_toolkit import PromptSession
+    from prompt_toolkit.buffer import Buffer
     from prompt_toolkit.formatted_text import StyleAndTextTuples
     from prompt_toolkit.history import InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
@@ -632,33 +646,41 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
         color_depth=ui.color_depth,
         include_default_pygments_style=False,
     )
+
+    def accept(buffer: Buffer) -> bool:
+        # One prompt for the whole session: the line is sent from here and the
+        # prompt stays up (the terminal never leaves raw mode between lines, so
+        # no key typed right after Enter is lost).
+        text = buffer.text
+        if text.strip().lower() == "/quit":
+            session.app.exit(result="/quit")
+            return True
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            if chat.send_line(line):
+                ui.show(own_event(chat.name, line))
+            else:
+                ui.status("not connected; message not sent")
+        return False  # clear the line (it went to the history)
+
+    session.default_buffer.accept_handler = accept
     runner = asyncio.create_task(chat.run())
     status = OK
     with patch_stdout(raw=True):
-        while True:
-            asking = asyncio.ensure_future(session.prompt_async())
-            await asyncio.wait({asking, runner}, return_when=asyncio.FIRST_COMPLETED)
-            if runner.done():
-                asking.cancel()
-                with contextlib.suppress(asyncio.CancelledError, EOFError, Interrupted):
-                    await asking
-                return runner.result()
-            try:
-                text = asking.result()
-            except EOFError:
-                break
-            except Interrupted:
-                status = INTERRUPTED
-                break
-            if text.strip().lower() == "/quit":
-                break
-            for line in text.splitlines():
-                if not line.strip():
-                    continue
-                if chat.send_line(line):
-                    ui.show(own_event(chat.name, line))
-                else:
-                    ui.status("not connected; message not sent")
+        asking = asyncio.ensure_future(session.prompt_async())
+        await asyncio.wait({asking, runner}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            asking.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EOFError, Interrupted):
+                await asking
+            return runner.result()
+        try:
+            asking.result()
+        except EOFError:
+            pass
+        except Interrupted:
+            status = INTERRUPTED
         end = await chat.finish(runner, QUIT_WAIT, confirm=False)
     return Ended(status) if end.status == OK else end
 
