@@ -1,12 +1,17 @@
 """`chatd --daemon`: detach with python-daemon, for systems without systemd.
 
-Everything that can fail for a reason the admin must see (the pidfile is
-held, the address is taken, another chatd answers on the control socket, the
-log file cannot be opened) is checked before
-detaching, while stderr is still the terminal.  Then DaemonContext forks
-twice, keeps the listening sockets and the log file open and takes the
-pidfile; its signal map ignores only the terminal job-control signals, so
-SIGTERM, SIGINT and SIGHUP reach the event loop's own wake-up.
+What can be checked before detaching (the pidfile is held, the address is
+taken, another chatd answers on the control socket, the log file cannot be
+opened) is, while stderr is still the terminal.
+Then the command forks: the parent waits on a pipe while the child lets
+DaemonContext detach (two more forks), keep the listening sockets, the log
+file and the pipe open, and take the pidfile; its signal map ignores only the
+terminal job-control signals, so SIGTERM, SIGINT and SIGHUP reach the event
+loop's own wake-up.  Once the daemon serves, it writes "ok" to the pipe and
+the parent exits 0; if it cannot start (the control socket is live, the state
+file is corrupt...), it writes the error, which the parent prints, exiting 1.
+So `chatd --daemon` returns only when chatd serves, or with the reason it
+does not.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import signal
 import socket
 import sys
@@ -28,6 +34,7 @@ from chatd.config import Config, ConfigError
 from chatd.server import Server, StartupError, bind_all
 
 DEFAULT_PIDFILE = "/run/chatd.pid"
+READY_TIMEOUT = 60.0  # seconds the parent waits for the daemon to report
 
 
 class PidFileError(Exception):
@@ -154,26 +161,91 @@ def run(
         print(f"chatd: error: {e}", file=sys.stderr)
         logfile.close()
         return 1
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(ready_w)
+        for s in sockets:
+            s.close()
+        logfile.close()
+        return _await_daemon(ready_r, child, cfg.log.file)
+    os.close(ready_r)
     context = daemon.DaemonContext(
         detach_process=True,
         working_directory="/",
         umask=0o022,
         pidfile=pidfile,
-        files_preserve=[*sockets, logfile],
+        files_preserve=[*sockets, logfile, ready_w],
         stdout=logfile,
         stderr=logfile,
         signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
     )
+    ready = _Report(ready_w)
     try:
         context.open()
     except PidFileError as e:
-        # Lost a race for the pidfile after the check above; stderr is the log file now.
-        print(f"chatd: error: {e}", file=sys.stderr)
+        # Lost a race for the pidfile after the check above.
+        ready.error(str(e))
         return 1
     try:
-        return _serve(cfg, config_path, sockets, overrides)
+        return _serve(cfg, config_path, sockets, overrides, ready)
     finally:
+        ready.error("chatd exited during start-up")  # no-op once "ok" was sent
         context.close()
+
+
+class _Report:
+    """The daemon's end of the readiness pipe: one line, then closed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def _send(self, line: str) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, line.encode()[:4000] + b"\n")
+            os.close(self.fd)
+            self.fd = None
+
+    def ok(self) -> None:
+        self._send("ok")
+
+    def error(self, message: str) -> None:
+        if self.fd is not None:
+            print(f"chatd: error: {message}", file=sys.stderr)  # the log file
+        self._send(f"error: {message}")
+
+
+def _await_daemon(fd: int, child: int, logfile: str) -> int:
+    """In the parent: wait for the daemon's "ok" or error; return the exit status."""
+    with os.fdopen(fd, "rb") as pipe:
+        # The child exits as soon as it has forked again: reap it.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, 0)
+        line = _read_line(pipe, READY_TIMEOUT)
+    if line == "ok":
+        return 0
+    if line.startswith("error: "):
+        print(f"chatd: {line}", file=sys.stderr)
+    elif line == "":
+        print(f"chatd: error: the daemon exited during start-up (see {logfile})", file=sys.stderr)
+    else:
+        print(f"chatd: error: no word from the daemon within {READY_TIMEOUT:g} s", file=sys.stderr)
+    return 1
+
+
+def _read_line(pipe: Any, timeout: float) -> str:
+    """The first line from the pipe ("" at EOF), or "?" after ``timeout`` seconds."""
+    data = b""
+    while b"\n" not in data:
+        ready, _, _ = select.select([pipe], [], [], timeout)
+        if not ready:
+            return "?"
+        chunk = os.read(pipe.fileno(), 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode("utf-8", "replace")
 
 
 def _serve(
@@ -181,14 +253,20 @@ def _serve(
     config_path: str | None,
     sockets: list[socket.socket],
     overrides: dict[str, Any] | None,
+    ready: _Report,
 ) -> int:
     try:
         server = Server(cfg, config_path, systemd.Notifier.from_environ(), overrides=overrides)
     except ConfigError as e:
-        print(f"chatd: error: {e}", file=sys.stderr)
+        ready.error(str(e))
         return 1
     try:
-        server.open(sockets)
+        try:
+            server.open(sockets)
+        except StartupError as e:
+            ready.error(str(e))
+            return 1
+        ready.ok()
         return server.run()
     finally:
         server.close()

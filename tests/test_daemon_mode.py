@@ -20,6 +20,12 @@ from helpers import NOTICE, ROOT, TIMEOUT, Client
 from chatd.daemon import PidFile
 
 
+def run_chatd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatd", *args], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
     try:
@@ -57,18 +63,15 @@ class Detached:
         self.pid = 0
 
     def start(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "chatd", "-c", str(self.config_path), *extra],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-        )
+        return run_chatd("-c", str(self.config_path), *extra)
 
     def daemonize(self) -> None:
         r = self.start("--daemon", "--pidfile", str(self.pidfile))
         assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-        self.pid = wait_until("the pidfile to name a live process", self._live_pid)
+        # `chatd --daemon` returns once the daemon serves: no waiting needed.
+        pid = self._live_pid()
+        assert pid, f"no live pid in {self.pidfile} once chatd --daemon returned"
+        self.pid = pid
         self.port = int(self.wait_for("startup")["listen"][0].rsplit(":", 1)[1])
 
     def _live_pid(self) -> int | None:
@@ -241,13 +244,7 @@ def test_log_file_in_the_foreground_is_reopened_on_reload(tmp_path: Path) -> Non
 def test_log_file_must_be_absolute(tmp_path: Path) -> None:
     config_path = tmp_path / "chatd.yaml"
     config_path.write_text("log: {file: chatd.log}\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "chatd", "-c", str(config_path), "--check-config"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
+    r = run_chatd("-c", str(config_path), "--check-config")
     assert r.returncode == 2
     assert r.stderr == (
         f'chatd: error: {config_path}: log.file: expected an absolute path or "", '
@@ -259,16 +256,29 @@ def test_log_file_that_cannot_be_opened_is_a_startup_error(tmp_path: Path) -> No
     config_path = tmp_path / "chatd.yaml"
     missing = tmp_path / "no-such-dir" / "chatd.log"
     config_path.write_text(
-        yaml.safe_dump({"listen": ["127.0.0.1:0"], "log": {"file": str(missing)}})
+        yaml.safe_dump(
+            {
+                "listen": ["127.0.0.1:0"],
+                "log": {"file": str(missing)},
+                "control": {"socket": ""},
+                "state_file": str(tmp_path / "state.json"),
+            }
+        )
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "chatd", "-c", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
+    r = run_chatd("-c", str(config_path))
     assert r.returncode == 1
     assert r.stderr == (
         f"chatd: error: {config_path}: log.file: cannot open {missing}: No such file or directory\n"
     )
+
+
+def test_failure_after_detaching_is_reported_by_the_command(detached: Detached) -> None:
+    # A corrupt state file is found only by the daemon, once detached.
+    state = Path(detached.config["state_file"])
+    state.write_text("{not json")
+    r = detached.start("--daemon", "--pidfile", str(detached.pidfile))
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.startswith(f"chatd: error: cannot read {state}: not a chatd state file")
+    assert r.stderr.count("\n") == 1
+    assert not detached.pidfile.exists()
+    assert r.stderr in detached.log_path.read_text()
