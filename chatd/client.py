@@ -65,7 +65,7 @@ exit status: 0 done, 1 the daemon did not confirm it took every message,
 7 disconnected by the server, 8 connection lost, 130 interrupted.
 """
 
-_LEFT = re.compile(r" left \(.*\)\Z")
+_LEFT = re.compile(r" (left|was kicked|was banned)( \(.*\))?\Z")
 
 
 # What arrives, and how it is shown.

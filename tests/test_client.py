@@ -94,6 +94,8 @@ def test_room_events_are_not_reasons() -> None:
     assert client.is_room_event("bob joined")
     assert client.is_room_event("bob left (slow consumer)")
     assert client.is_room_event("welcome, bob; nobody else is online")
+    assert client.is_room_event("bob was kicked (spam)")
+    assert client.is_room_event("bob was banned")
     assert not client.is_room_event("the server is shutting down")
     assert not client.is_room_event("you were kicked: spam")
 
@@ -332,6 +334,20 @@ def test_disconnected_by_the_server(daemon: Daemon, procs: list[subprocess.Popen
     assert ci.stderr and ci.stderr.read() == (
         "chat: disconnected by the server: the server is shutting down\n"
     )
+
+
+def test_kicked(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    alice = daemon.client("alice")
+    ci = spawn_chat(daemon.port, "--reconnect", "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    welcomed(ci)
+    alice.expect(NOTICE, "ci joined")
+    done = daemon.ctl("kick", "ci", "--reason", "spam")
+    assert done.returncode == 0, done.stderr
+    ci.wait(20)  # stdin is still open, and --reconnect does not bring it back
+    assert ci.returncode == client.KICKED == 6
+    assert ci.stderr and ci.stderr.read() == "chat: you were kicked by an admin: spam\n"
+    alice.expect(NOTICE, "ci was kicked (spam)")
 
 
 def test_connection_lost(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
