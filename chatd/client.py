@@ -43,6 +43,10 @@ CLOSE_WAIT = 5.0  # seconds the daemon gets to confirm it took everything (pipe 
 QUIT_WAIT = 2.0  # the same, when the user quits
 REASON_WINDOW = 3.0  # a notice this recent before the end of stream gives its reason
 BACKOFF_MAX = 30.0
+# Pipe mode paces itself under the daemon's default flood limit (flood.rate 10 a
+# second, flood.burst 50), its burst a little smaller to absorb network jitter.
+DEFAULT_RATE = 10.0
+BURST_SECONDS = 4.0
 
 # Exit statuses.
 OK = 0
@@ -396,6 +400,14 @@ class Chat:
             writer.write(protocol.encode(piece, self.hl))
         return True
 
+    def send(self, message: str) -> bool:
+        """Send one message as it is; False when not connected."""
+        writer = self.writer
+        if writer is None or not self.joined.is_set() or writer.is_closing():
+            return False
+        writer.write(protocol.encode(message, self.hl))
+        return True
+
     async def drain(self) -> None:
         writer = self.writer
         if writer is not None:
@@ -505,7 +517,29 @@ class Lines:
         return line.removesuffix(b"\r")
 
 
-async def feed_stdin(chat: Chat, ui: PipeUI) -> None:
+class Pace:
+    """A token bucket: at most ``rate`` messages a second after a burst of ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+
+    async def take(self) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+            self.tokens = 1.0
+            self.last = time.monotonic()
+        self.tokens -= 1
+
+
+async def feed_stdin(chat: Chat, ui: PipeUI, pace: Pace) -> None:
     """Send every stdin line, once joined; wait for a reconnect when disconnected."""
     lines = Lines(sys.stdin.fileno())
     await chat.joined.wait()
@@ -519,14 +553,16 @@ async def feed_stdin(chat: Chat, ui: PipeUI) -> None:
             continue
         if line.strip().lower() == "/quit":
             return
-        while not chat.send_line(line):
-            await chat.joined.wait()
+        for message in split_line(line, chat.limit):
+            await pace.take()
+            while not chat.send(message):
+                await chat.joined.wait()
         await chat.drain()
 
 
-async def pipe_mode(chat: Chat, ui: PipeUI) -> Ended:
+async def pipe_mode(chat: Chat, ui: PipeUI, rate: float) -> Ended:
     runner = asyncio.create_task(chat.run())
-    feeder = asyncio.create_task(feed_stdin(chat, ui))
+    feeder = asyncio.create_task(feed_stdin(chat, ui, Pace(rate, int(rate * BURST_SECONDS))))
     await asyncio.wait({runner, feeder}, return_when=asyncio.FIRST_COMPLETED)
     if runner.done():
         feeder.cancel()
@@ -729,6 +765,15 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="when the connection fails or drops, retry with backoff (1 s doubling to 30 s)",
     )
+    p.add_argument(
+        "--rate",
+        type=rate,
+        default=DEFAULT_RATE,
+        metavar="N",
+        help="in line mode, send at most N messages a second after a first "
+        f"{BURST_SECONDS:g} seconds' worth, to stay under the server's flood limit "
+        f"(default: {DEFAULT_RATE:g}, as the server's default; 0: no limit)",
+    )
     p.add_argument("--version", action="version", version=f"chat {__version__}")
     return p
 
@@ -737,6 +782,16 @@ def port_number(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
     return int(text)
+
+
+def rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1e6:
+        raise argparse.ArgumentTypeError(f"expected a number of messages a second, got {text!r}")
+    return value
 
 
 def header_length(text: str) -> int:
@@ -764,7 +819,7 @@ async def _main(args: argparse.Namespace, interactive: bool) -> Ended:
     )
     if isinstance(ui, TerminalUI):
         return await interactive_mode(chat, ui)
-    return await pipe_mode(chat, ui)
+    return await pipe_mode(chat, ui, args.rate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,6 +228,25 @@ def test_pipe_commands(daemon: Daemon) -> None:
     alice.expect(NOTICE, "ci left (quit)")  # no command, no private message
 
 
+def test_pipe_paces_itself_under_the_flood_limit(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    lines = [f"line {i}" for i in range(70)]  # 40 at once, then 10 a second
+    started = time.monotonic()
+    done = run_chat(daemon.port, "-u", "ci", "127.0.0.1", stdin="\n".join(lines))
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started > 2
+    assert "slow down" not in done.stdout
+    alice.expect(NOTICE, "ci joined")
+    for line in lines:
+        alice.expect("ci", line)
+
+
+def test_pipe_without_pacing_is_told_to_slow_down(daemon: Daemon) -> None:
+    done = run_chat(daemon.port, "--rate", "0", "-u", "ci", "127.0.0.1", stdin="x\n" * 70)
+    assert done.returncode == 0, done.stderr
+    assert "chatd: slow down: your messages are not being sent" in done.stdout
+
+
 def test_long_lines_arrive_in_pieces(daemon: Daemon) -> None:
     alice = daemon.client("alice")
     done = run_chat(daemon.port, "-u", "ci", "127.0.0.1", stdin="é" * 3000 + "\n")
