@@ -446,13 +446,13 @@ def test_no_reconnect_after_a_rejected_name(
 # Interactive mode, through a pseudo-terminal.
 
 
-def spawn_tty(port: int, name: str, **env: str) -> pexpect.spawn:
+def spawn_tty(port: int, name: str, *args: str, **env: str) -> pexpect.spawn:
     full = {**os.environ, "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1", **env}
     if not env.get("NO_COLOR"):
         full.pop("NO_COLOR", None)
     child = pexpect.spawn(
         CHAT[0],
-        [*CHAT[1:], "-u", name, "-p", str(port), "127.0.0.1"],
+        [*CHAT[1:], *args, "-u", name, "-p", str(port), "127.0.0.1"],
         env=full,
         encoding="utf-8",
         timeout=10,
@@ -576,6 +576,24 @@ def test_ctrl_c_in_interactive_mode(daemon: Daemon, ttys: list[pexpect.spawn]) -
     assert bob.exitstatus == client.INTERRUPTED
     assert "Traceback" not in (bob.before or "")
     daemon.wait_for("leave", user="bob")
+
+
+def test_interactive_reconnect(start: Callable[..., Daemon], ttys: list[pexpect.spawn]) -> None:
+    first = start()
+    port = first.port
+    bob = spawn_tty(port, "bob", "--reconnect")
+    ttys.append(bob)
+    first.stop()
+    bob.expect("disconnected by the server: the server is shutting down; reconnecting in")
+    bob.expect(re.escape("(offline)"))
+    bob.send("/who\r")
+    bob.expect("not connected; message not sent")
+    second = start({"listen": [f"127.0.0.1:{port}"]})
+    bob.expect(f"reconnected to 127.0.0.1 port {port}", timeout=60)
+    alice = second.client("alice")
+    alice.send("welcome_back")
+    bob.expect("welcome_back")
+    assert quit_tty(bob) == 0
 
 
 def test_interactive_connection_lost(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
