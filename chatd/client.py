@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from chatd import __version__, protocol
 from chatd.commands import ACTION_PREFIX, PRIVATE_SUFFIX
@@ -55,7 +55,7 @@ USAGE = 2
 UNKNOWN_HOST = 3
 REFUSED = 4  # the connection could not be made
 NAME_REJECTED = 5
-KICKED = 6
+KICKED = 6  # or banned while in the chat
 DISCONNECTED = 7  # the daemon closed the connection and said why
 LOST = 8  # the connection broke, or the daemon closed it without a word
 INTERRUPTED = 130
@@ -65,7 +65,7 @@ commands (handled by the daemon): /who, /msg NAME TEXT, /me ACTION, /help, /quit
 //TEXT sends a line that starts with /TEXT.
 
 exit status: 0 done, 1 the daemon did not confirm it took every message,
-2 usage error, 3 unknown host, 4 cannot connect, 5 name rejected, 6 kicked,
+2 usage error, 3 unknown host, 4 cannot connect, 5 name rejected, 6 kicked or banned,
 7 disconnected by the server, 8 connection lost, 130 interrupted.
 """
 
@@ -262,7 +262,6 @@ class Chat:
         while True:
             try:
                 await self._session()
-                raise AssertionError("a session ends with Ended")  # pragma: no cover
             except Ended as e:
                 end = e
             if self.closing or end.status == OK:
@@ -275,7 +274,7 @@ class Chat:
             self.ui.status(f"{end.message}; reconnecting in {delay:.1f} s")
             await asyncio.sleep(delay)
 
-    async def _session(self) -> None:
+    async def _session(self) -> NoReturn:
         reader, writer = await self._connect()
         self.writer = writer
         try:
@@ -327,7 +326,7 @@ class Chat:
         reason = errors[0] if errors else "no address"
         raise Ended(REFUSED, f"cannot connect to {self.where}: {reason}", retry=True)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, reader: asyncio.StreamReader) -> NoReturn:
         decoder = protocol.FrameDecoder(MAX_INCOMING, self.hl)
         sender: str | None = None
         last_notice = ("", 0.0)
@@ -383,9 +382,11 @@ class Chat:
                 # A name still held by our own lost connection frees up shortly.
                 return Ended(NAME_REJECTED, reason, retry=self.was_joined and "taken" in reason)
             if reason:
-                return Ended(DISCONNECTED, f"refused by the server: {reason}", retry=True)
+                # A full server frees up; a ban is for an admin to lift.
+                retry = "banned" not in reason
+                return Ended(DISCONNECTED, f"refused by the server: {reason}", retry=retry)
             return Ended(LOST, f"{self.where} closed the connection before welcoming", retry=True)
-        if reason.startswith("you were kicked"):
+        if reason.startswith(("you were kicked", "you were banned")):
             return Ended(KICKED, reason)
         if reason:
             return Ended(DISCONNECTED, f"disconnected by the server: {reason}", retry=True)

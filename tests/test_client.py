@@ -369,6 +369,20 @@ def test_kicked(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
     alice.expect(NOTICE, "ci was kicked (spam)")
 
 
+def test_banned(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    ci = spawn_chat(daemon.port, "--reconnect", "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    welcomed(ci)
+    done = daemon.ctl("ban", "ci", "--reason", "spam")
+    assert done.returncode == 0, done.stderr
+    ci.wait(20)
+    assert ci.returncode == client.KICKED
+    assert ci.stderr and ci.stderr.read() == "chat: you were banned by an admin: spam\n"
+    again = run_chat(daemon.port, "--reconnect", "-u", "ci", "127.0.0.1")
+    assert again.returncode == client.NAME_REJECTED
+    assert again.stderr == "chat: name rejected: 'ci' is banned: spam\n"
+
+
 def test_connection_lost(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
     ci = spawn_chat(daemon.port, "-u", "ci", "127.0.0.1")
     procs.append(ci)
@@ -404,7 +418,7 @@ def test_help_documents_the_exit_statuses() -> None:
     done = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=20)
     assert done.returncode == 0
     assert "usage: chat" in done.stdout
-    assert "5 name rejected, 6 kicked" in done.stdout
+    assert "5 name rejected, 6 kicked or banned" in done.stdout
 
 
 def test_reconnect(start: Callable[..., Daemon], procs: list[subprocess.Popen[str]]) -> None:
