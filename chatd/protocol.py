@@ -102,14 +102,14 @@ class FrameDecoder:
             end = pos + self.header_length
             if len(buf) < end:
                 return None
-            need = self._parse_header(bytes(buf[pos:end]))
+            need = self._parse_header(buf[pos:end])
             pos = end
             self._pos = pos
             self._need = need
         end = pos + need
         if len(buf) < end:
             return None
-        payload = bytes(buf[pos:end])
+        payload = buf[pos:end]  # a copy: buf may be cleared below
         self._need = -1
         if end == len(buf):
             buf.clear()
@@ -132,7 +132,7 @@ class FrameDecoder:
             out.append(frame)
         return out
 
-    def _parse_header(self, header: bytes) -> int:
+    def _parse_header(self, header: bytes | bytearray) -> int:
         digits = header.strip(b" ")
         # isdigit() on bytes is ASCII-only; int() alone would take " +1_0".
         if not digits.isdigit():

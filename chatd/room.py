@@ -17,6 +17,8 @@ from typing import Protocol
 
 from chatd import protocol
 
+NAME_FRAMES_KEPT = 20000  # encoded sender names cached, at most (cleared when full)
+
 NOTICE_SENDER = "chatd"
 """Sender name of server notices.  No user can take it."""
 
@@ -65,7 +67,7 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 class Room:
-    __slots__ = ("_batch", "_fresh", "_members", "deliveries", "header_length")
+    __slots__ = ("_batch", "_fresh", "_members", "_name_frames", "deliveries", "header_length")
 
     def __init__(self, header_length: int = protocol.DEFAULT_HEADER_LENGTH) -> None:
         self.header_length = header_length
@@ -75,6 +77,7 @@ class Room:
         # Members who joined this pass -> the batch index they joined at: what
         # was posted before that is not for them.
         self._fresh: dict[int, int] = {}
+        self._name_frames: dict[str, bytes] = {}  # sender name -> its encoded frame
         self.deliveries = 0  # frame pairs handed to members, for the stats
 
     @property
@@ -122,7 +125,12 @@ class Room:
 
     def frame(self, sender: str, text: str) -> bytes:
         hl = self.header_length
-        return protocol.encode(sender, hl) + protocol.encode(text, hl)
+        name = self._name_frames.get(sender)
+        if name is None:
+            if len(self._name_frames) >= NAME_FRAMES_KEPT:
+                self._name_frames.clear()
+            name = self._name_frames[sender] = protocol.encode(sender, hl)
+        return name + protocol.encode(text, hl)
 
     def post(self, sender: Member, text: str, *, as_name: str | None = None) -> None:
         """Queue ``text`` from ``sender`` for every other member."""
