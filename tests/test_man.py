@@ -17,7 +17,7 @@ from chatd import config
 MAN = ROOT / "man"
 PAGES = sorted(MAN.glob("*.[0-9]"))
 # Each command and the page documenting it.
-COMMAND_PAGES = [("chatd", "chatd.8"), ("chatctl", "chatctl.8")]
+COMMAND_PAGES = [("chatd", "chatd.8"), ("chatctl", "chatctl.8"), ("chat", "chat.1")]
 
 
 def page_text(name: str) -> str:
@@ -28,7 +28,7 @@ def page_text(name: str) -> str:
 
 
 def test_the_pages_exist() -> None:
-    assert {p.name for p in PAGES} >= {"chatd.8", "chatd.yaml.5", "chatctl.8"}
+    assert {p.name for p in PAGES} == {"chatd.8", "chatd.yaml.5", "chatctl.8", "chat.1"}
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed (groff-base)")

@@ -114,6 +114,19 @@ awk -v x="$exposure" 'BEGIN { exit !(x != "" && x <= 2.0) }' || fail "exposure $
 step "two clients chat through it"
 B $CHECK chat "$PORT"
 
+step "the chat client: a line piped into bob's chat reaches alice's"
+B sh -c 'sleep 4 | chat -u alice --json 127.0.0.1 >/root/alice.jsonl 2>/root/alice.err' &
+listener=$!
+for i in $(seq 1 50); do  # alice is in once the welcome is written
+    B grep -q '"welcome, alice' /root/alice.jsonl 2>/dev/null && break
+    sleep 0.1
+done
+B sh -c 'echo "hello from the chat client" | chat -u bob 127.0.0.1' || fail "chat -u bob failed"
+wait "$listener" || fail "alice's chat failed: $(B cat /root/alice.err)"
+B cat /root/alice.jsonl
+B grep -q '"from": "bob", "text": "hello from the chat client"' /root/alice.jsonl ||
+    fail "alice did not get bob's line"
+
 step "chatctl as root sees who is online; an ordinary user is refused"
 B $CHECK hold "$PORT" carol 5 &
 holder=$!
