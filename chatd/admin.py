@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from chatd.bans import Ban, StateError, iso, parse_duration, parse_network
 from chatd.config import ConfigError
 from chatd.connection import JOINED, Connection
+from chatd.protocol import max_length
 from chatd.room import name_problem, text_problem
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ LINES_PER_PASS = 16  # requests answered per connection per pass of the loop
 MAX_ADMINS = 32  # admin connections at once
 IDLE_TIMEOUT = 300.0  # seconds an admin connection may make no progress
 MAX_TEXT = 1024  # characters in a notice or reason
+NOTICE_ROOM = 200  # bytes a notice adds around a reason
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -168,12 +170,18 @@ def handle(server: Server, admin: Admin, line: bytes) -> dict[str, Any]:
     return reply
 
 
-def _message_text(cmd: str, key: str, value: str, *, empty_ok: bool) -> str:
+def _message_text(server: Server, cmd: str, key: str, value: str, *, empty_ok: bool) -> str:
     value = value.strip()
     if not value and not empty_ok:
         raise RequestError("bad_request", f"{cmd}: {key} is empty")
     if len(value) > MAX_TEXT:
         raise RequestError("bad_request", f"{cmd}: {key} is longer than {MAX_TEXT} characters")
+    # The notice carrying it (with up to NOTICE_ROOM bytes more) must fit a frame.
+    hl = server.config.header_length
+    if len(value.encode()) + NOTICE_ROOM > max_length(hl):
+        raise RequestError(
+            "bad_request", f"{cmd}: {key} is too long for the {hl}-byte frame header"
+        )
     problem = text_problem(value)
     if problem:
         raise RequestError("bad_request", f"{cmd}: {key}: {problem}")
@@ -206,7 +214,7 @@ def cmd_list(server: Server, admin: Admin, args: dict[str, Any]) -> Any:
 
 @command("kick", name=(str, True), reason=(str, False))
 def cmd_kick(server: Server, admin: Admin, args: dict[str, Any]) -> Any:
-    reason = _message_text("kick", "reason", args.get("reason", ""), empty_ok=True)
+    reason = _message_text(server, "kick", "reason", args.get("reason", ""), empty_ok=True)
     conn = server.room.get(args["name"])
     if not isinstance(conn, Connection):
         raise RequestError("not_found", f"no user named {args['name']!r} is online")
@@ -226,7 +234,7 @@ def cmd_kick(server: Server, admin: Admin, args: dict[str, Any]) -> Any:
 
 @command("say", text=(str, True))
 def cmd_say(server: Server, admin: Admin, args: dict[str, Any]) -> Any:
-    text = _message_text("say", "text", args["text"], empty_ok=False)
+    text = _message_text(server, "say", "text", args["text"], empty_ok=False)
     server.room.notice(text)
     server.log.info("say", text=text, admin_uid=admin.uid)
     return {"recipients": len(server.room)}
@@ -303,7 +311,7 @@ def _target(cmd: str, args: dict[str, Any], max_name_bytes: int) -> tuple[str, s
 @command("ban", target=(str, True), duration=(str, False), reason=(str, False), kind=(str, False))
 def cmd_ban(server: Server, admin: Admin, args: dict[str, Any]) -> Any:
     kind, target = _target("ban", args, server.config.max_name_bytes)
-    reason = _message_text("ban", "reason", args.get("reason", ""), empty_ok=True)
+    reason = _message_text(server, "ban", "reason", args.get("reason", ""), empty_ok=True)
     seconds = None
     if args.get("duration"):
         try:

@@ -589,3 +589,15 @@ def test_daemon_mode_refuses_a_live_socket_before_detaching(daemon: Daemon, tmp_
     )
     assert not (tmp_path / "chatd.pid").exists()
     assert daemon.result("list") == {"users": []}
+
+
+def test_notices_must_fit_the_frame_header(start: Callable[..., Daemon]) -> None:
+    d = start({"header_length": 3, "max_message_bytes": 999})
+    alice = Client(d.port, header_length=3)
+    alice.join("alice")
+    reply = d.request("say", text="x" * 900)
+    assert reply["error"] == "say: text is too long for the 3-byte frame header"
+    reply = d.request("kick", name="alice", reason="y" * 900)
+    assert reply["error"] == "kick: reason is too long for the 3-byte frame header"
+    assert d.result("say", text="x" * 700) == {"recipients": 1}
+    alice.expect(NOTICE, "x" * 700)
