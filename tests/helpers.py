@@ -317,6 +317,21 @@ class Bystanders:
         return slowest
 
 
+def run_chatd_with(
+    tmp_path: Path, settings: dict[str, Any], *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run chatd on a config of ``settings`` until it exits (a start that must fail)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": ["127.0.0.1:0"], **settings}))
+    return subprocess.run(
+        [sys.executable, "-m", "chatd", "--config", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
 def chatctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "chatd.ctl", *args],

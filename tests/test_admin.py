@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import NOTICE, ROOT, Admin, Client, Daemon, chatctl
+from helpers import NOTICE, Admin, Client, Daemon, chatctl, run_chatd_with
 
 from chatd import ctl
 
@@ -440,22 +439,9 @@ def test_a_second_daemon_is_refused_on_a_live_socket(
     start: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     first = start()
-    cfg = tmp_path / "second.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "listen": ["127.0.0.1:0"],
-                "control": {"socket": first.control_path},
-                "state_file": str(tmp_path / "second.json"),
-            }
-        )
-    )
-    r = subprocess.run(
-        [sys.executable, "-m", "chatd", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
+    r = run_chatd_with(
+        tmp_path,
+        {"control": {"socket": first.control_path}, "state_file": str(tmp_path / "s.json")},
     )
     assert r.returncode == 1
     assert r.stderr == (
@@ -482,15 +468,7 @@ def test_a_stale_socket_is_replaced(start: Callable[..., Daemon], tmp_path: Path
 def test_a_file_in_the_way_is_not_removed(tmp_path: Path) -> None:
     path = tmp_path / "admin.sock"
     path.write_text("precious")
-    cfg = tmp_path / "chatd.yaml"
-    cfg.write_text(yaml.safe_dump({"listen": ["127.0.0.1:0"], "control": {"socket": str(path)}}))
-    r = subprocess.run(
-        [sys.executable, "-m", "chatd", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
+    r = run_chatd_with(tmp_path, {"control": {"socket": str(path)}})
     assert (r.returncode, r.stderr) == (
         1,
         f"chatd: error: cannot create control socket {path}: a file that is not a socket\n",
@@ -564,25 +542,13 @@ def test_chatctl_help_lists_every_command() -> None:
 
 
 def test_daemon_mode_refuses_a_live_socket_before_detaching(daemon: Daemon, tmp_path: Path) -> None:
-    cfg = tmp_path / "detached.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "listen": ["127.0.0.1:0"],
-                "log": {"file": str(tmp_path / "chatd.log")},
-                "control": {"socket": daemon.control_path},
-                "state_file": str(tmp_path / "state.json"),
-            }
-        )
-    )
     pidfile = str(tmp_path / "chatd.pid")
-    r = subprocess.run(
-        [sys.executable, "-m", "chatd", "-c", str(cfg), "--daemon", "--pidfile", pidfile],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
+    settings = {
+        "log": {"file": str(tmp_path / "chatd.log")},
+        "control": {"socket": daemon.control_path},
+        "state_file": str(tmp_path / "state.json"),
+    }
+    r = run_chatd_with(tmp_path, settings, "--daemon", "--pidfile", pidfile)
     assert (r.returncode, r.stderr) == (
         1,
         f"chatd: error: control socket {daemon.control_path} is live: another chatd is running\n",

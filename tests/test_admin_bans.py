@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-from helpers import NOTICE, ROOT, Client, Daemon
+from helpers import NOTICE, Client, Daemon, run_chatd_with
 
 
 def refused(d: Daemon, name: str) -> list[tuple[str, str]]:
@@ -182,22 +179,8 @@ def test_a_ban_that_cannot_be_saved_is_not_applied(
 def test_a_corrupt_state_file_stops_the_start(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     state.write_text("{ not json")
-    cfg = tmp_path / "chatd.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "listen": ["127.0.0.1:0"],
-                "control": {"socket": str(tmp_path / "admin.sock")},
-                "state_file": str(state),
-            }
-        )
-    )
-    r = subprocess.run(
-        [sys.executable, "-m", "chatd", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
+    r = run_chatd_with(
+        tmp_path, {"control": {"socket": str(tmp_path / "admin.sock")}, "state_file": str(state)}
     )
     assert r.returncode == 1
     assert r.stderr.startswith(f"chatd: error: cannot read {state}: not a chatd state file")
