@@ -609,6 +609,7 @@ class TerminalUI:
         self.style = Style.from_dict(STYLE_RULES)
         self.color_depth = ColorDepth.DEPTH_1_BIT if no_color() else None
         self.dumb = os.environ.get("TERM", "") in ("", "dumb")
+        self.prompt: Callable[[], str] = lambda: ""  # the prompt as plain text
 
     def _print(self, fragments: list[tuple[str, str]]) -> None:
         from prompt_toolkit import print_formatted_text
@@ -617,6 +618,16 @@ class TerminalUI:
         from prompt_toolkit.renderer import print_formatted_text as render
 
         app = get_app_or_none()
+        if self.dumb and app is not None and app.is_running and not app.is_done:
+            # A dumb terminal cannot move the cursor: the line goes below what is
+            # being typed, and the prompt and the typed text are written again.
+            text = "".join(t for _, t in fragments)
+            typed = app.current_buffer.text
+            out = sys.__stdout__
+            if out is not None:
+                out.write(f"\n{text}\n{self.prompt()}{typed}")
+                out.flush()
+            return
         if app is None or not app.is_running or app.is_done or self.dumb:
             print_formatted_text(
                 FormattedText(fragments),
@@ -666,6 +677,7 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
         state = "(offline) " if chat.was_joined else "(connecting) "
         return [("class:prompt.offline", state), ("class:prompt", f"{chat.name}> ")]
 
+    ui.prompt = lambda: "".join(text for _, text, *_ in prompt())
     keys = KeyBindings()
 
     @keys.add("c-c")
@@ -692,6 +704,8 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
         if text.strip().lower() == "/quit":
             session.app.exit(result="/quit")
             return True
+        buffer.append_to_history()
+        buffer.reset()  # before the line is shown back: a dumb terminal writes the rest
         for line in text.splitlines():
             if not line.strip():
                 continue
@@ -699,7 +713,7 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
                 ui.show(own_event(chat.name, line))
             else:
                 ui.status("not connected; message not sent")
-        return False  # clear the line (it went to the history)
+        return False
 
     session.default_buffer.accept_handler = accept
     runner = asyncio.create_task(chat.run())

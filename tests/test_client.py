@@ -507,6 +507,11 @@ def test_message_arriving_while_typing(daemon: Daemon, ttys: list[pexpect.spawn]
     assert alice.recv() == ("bob", "half_typed_and_finished")  # nothing garbled
     bob.expect("half_typed_and_finished")  # bob's own line, shown back
     bob.expect("bob>")
+    bob.send("\x1b[A")  # up arrow: the line from the history
+    bob.expect("half_typed_and_finished")
+    bob.send("\r")
+    assert alice.recv() == ("bob", "half_typed_and_finished")
+    bob.expect("bob>")
     assert quit_tty(bob) == 0
     alice.expect(NOTICE, "bob left (quit)")
 
@@ -572,7 +577,8 @@ def test_dumb_terminal(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
     bob.send("typed_")
     bob.expect("typed_")
     alice.send("to_a_dumb_terminal")
-    bob.expect("to_a_dumb_terminal")
+    bob.expect("to_a_dumb_terminal\r\n")
+    bob.expect_exact("bob> typed_")  # below the message, what bob was typing, again
     bob.send("from_a_dumb_terminal\r")
     assert alice.recv_text("bob") == "typed_from_a_dumb_terminal"
     bob.expect("typed_from_a_dumb_terminal")
