@@ -53,7 +53,7 @@ step "boot"
 B systemctl stop chatd.socket chatd.service 2>/dev/null || true
 B systemctl reset-failed chatd.socket chatd.service 2>/dev/null || true
 B rm -rf /root/chatd-src /root/wheels /etc/chatd /usr/local/lib/chatd /var/lib/private/chatd \
-    /etc/systemd/system/chatd.socket.d \
+    /etc/systemd/system/chatd.socket.d /etc/systemd/system/chatd.service.d \
     /usr/local/lib/systemd/system/chatd.service /usr/local/lib/systemd/system/chatd.socket
 "$BOX" copy "$STAGE/src" /root/chatd-src
 "$BOX" copy "$STAGE/wheels" /root/wheels
@@ -202,6 +202,29 @@ done
 echo "$bans"
 grep -Eq "^eve +name +never .*system test$" <<<"$bans" || fail "the ban did not survive the restart"
 B chatctl unban eve
+
+step "the watchdog: pings keep chatd alive, a stuck loop gets it restarted"
+B mkdir -p /etc/systemd/system/chatd.service.d
+B sh -c 'printf "[Service]\nWatchdogSec=2s\n" > /etc/systemd/system/chatd.service.d/watchdog.conf'
+B systemctl daemon-reload
+B systemctl restart chatd
+pid=$(B systemctl show -p MainPID --value chatd)
+sleep 5  # two and a half watchdog intervals: without pings systemd would have killed it
+[ "$(B systemctl show -p MainPID --value chatd)" = "$pid" ] || fail "chatd was restarted although it pinged"
+B kill -STOP "$pid"  # the loop stops: no more pings
+for i in $(seq 1 75); do
+    new=$(B systemctl show -p MainPID --value chatd)
+    [ "$new" != 0 ] && [ "$new" != "$pid" ] && [ "$(B systemctl is-active chatd)" = active ] && break
+    sleep 0.2
+done
+[ "$new" != 0 ] && [ "$new" != "$pid" ] || fail "a stopped chatd was not restarted by the watchdog"
+B journalctl -u chatd --no-pager -o cat | grep -i "watchdog timeout" | tail -n 1 ||
+    fail "the journal does not say the watchdog fired"
+echo "watchdog restart: pid $pid -> $new"
+B rm -rf /etc/systemd/system/chatd.service.d
+B systemctl daemon-reload
+B systemctl restart chatd
+new=$(B systemctl show -p MainPID --value chatd)
 
 step "systemctl stop chatd: inactive, control socket gone"
 wait_event startup 'e["pid"] == '"$new"
