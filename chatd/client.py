@@ -62,11 +62,12 @@ INTERRUPTED = 130
 
 EPILOG = """\
 commands (handled by the daemon): /who, /msg NAME TEXT, /me ACTION, /help, /quit;
-//TEXT sends a line that starts with /TEXT.
+//TEXT sends the message /TEXT.
 
 exit status: 0 done, 1 the daemon did not confirm it took every message,
-2 usage error, 3 unknown host, 4 cannot connect, 5 name rejected, 6 kicked or banned,
-7 disconnected by the server, 8 connection lost, 130 interrupted.
+2 usage error, 3 unknown host, 4 cannot connect, 5 name rejected,
+6 kicked or banned, 7 disconnected by the server, 8 connection lost,
+130 interrupted.
 """
 
 _LEFT = re.compile(r" (left|was kicked|was banned)( \(.*\))?\Z")
@@ -742,7 +743,7 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chat",
-        description="Chat on a chatd server. Interactive when stdin and stdout are a terminal; "
+        description="Chat on a chatd server. Interactive when stdin and stdout are a terminal;\n"
         "otherwise each stdin line is sent and each incoming message printed as one line.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -36,7 +36,7 @@ HELP = (
     "/msg NAME TEXT - a private message to NAME alone",
     "/me ACTION - an action, shown to the others as * NAME ACTION",
     "/quit - leave the chat",
-    "//TEXT - send a message that starts with /TEXT",
+    "//TEXT - send the message /TEXT",
 )
 
 

@@ -418,7 +418,7 @@ def test_help_documents_the_exit_statuses() -> None:
     done = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=20)
     assert done.returncode == 0
     assert "usage: chat" in done.stdout
-    assert "5 name rejected, 6 kicked or banned" in done.stdout
+    assert "5 name rejected,\n6 kicked or banned" in done.stdout
 
 
 def test_reconnect(start: Callable[..., Daemon], procs: list[subprocess.Popen[str]]) -> None:
