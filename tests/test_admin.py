@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import NOTICE, Admin, Client, Daemon, chatctl, run_chatd_with
+from helpers import NOTICE, ROOT, Admin, Client, Daemon, chatctl, run_chatd_with
 
 from chatd import ctl
 
@@ -567,3 +568,37 @@ def test_notices_must_fit_the_frame_header(start: Callable[..., Daemon]) -> None
     assert reply["error"] == "kick: reason is too long for the 3-byte frame header"
     assert d.result("say", text="x" * 700) == {"recipients": 1}
     alice.expect(NOTICE, "x" * 700)
+
+
+def test_chatctl_when_nothing_answers_or_something_else_does(tmp_path: Path) -> None:
+    path = str(tmp_path / "other.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)  # a connect succeeds; nobody answers
+    try:
+        r = chatctl("--socket", path, "--timeout", "0.5", "stats")
+        assert (r.returncode, r.stderr) == (
+            3,
+            f"chatctl: chatd did not answer within 0.5 s on {path}\n",
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chatd.ctl", "--socket", path, "stats"],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        conn, _ = listener.accept()  # the first was the timed-out run's
+        conn.settimeout(10)
+        assert conn.recv(1000) == b'{"cmd": "stats", "args": {}}\n'
+        conn.sendall(b"220 smtp.example ESMTP ready\n")
+        conn.close()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        listener.close()
+    assert proc.returncode == 3
+    assert (
+        err
+        == f"chatctl: not a chatd control socket: {path} answered b'220 smtp.example ESMTP ready'\n"
+    )
