@@ -666,6 +666,7 @@ class Interrupted(Exception):
 
 async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
     from prompt_toolkit import PromptSession
+    from prompt_toolkit.application import get_app
     from prompt_toolkit.buffer import Buffer
     from prompt_toolkit.formatted_text import StyleAndTextTuples
     from prompt_toolkit.history import InMemoryHistory
@@ -703,7 +704,7 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
         # no key typed right after Enter is lost).
         text = buffer.text
         if text.strip().lower() == "/quit":
-            session.app.exit(result="/quit")
+            get_app().exit(result="/quit")  # not session.app: a dumb terminal runs another
             return True
         buffer.append_to_history()
         buffer.reset()  # before the line is shown back: a dumb terminal writes the rest

@@ -583,6 +583,10 @@ def test_dumb_terminal(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
     assert alice.recv_text("bob") == "typed_from_a_dumb_terminal"
     bob.expect("typed_from_a_dumb_terminal")
     assert not sgr_colors(bob.before)
+    bob.send("/quit\r")
+    bob.expect(pexpect.EOF)
+    bob.close()
+    assert bob.exitstatus == 0
 
 
 def test_ctrl_c_in_interactive_mode(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
