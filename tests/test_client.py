@@ -549,6 +549,18 @@ def test_interactive_commands(daemon: Daemon, ttys: list[pexpect.spawn]) -> None
     carol.expect(NOTICE, "bob left (quit)")
 
 
+def test_pasted_lines_are_sent_one_by_one(daemon: Daemon, ttys: list[pexpect.spawn]) -> None:
+    alice = daemon.client("alice")
+    bob = spawn_tty(daemon.port, "bob")
+    ttys.append(bob)
+    alice.expect(NOTICE, "bob joined")
+    bob.send("\x1b[200~pasted_one\npasted_two\x1b[201~")  # a bracketed paste
+    bob.expect("pasted_two")
+    bob.send("\r")
+    assert alice.recv() == ("bob", "pasted_one")
+    assert alice.recv() == ("bob", "pasted_two")
+
+
 def sgr_colors(text: str) -> set[str]:
     """The color parameters of the SGR sequences in ``text``."""
     colors = set()
