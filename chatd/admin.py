@@ -28,6 +28,7 @@ import errno
 import grp
 import json
 import os
+import pwd
 import selectors
 import socket
 import stat
@@ -384,6 +385,7 @@ class ControlServer:
         self.sock: socket.socket | None = None
         self.conns: set[AdminConn] = set()
         self.admin_gid: int | None = None
+        self.admin_uids: frozenset[int] = frozenset()  # the group's listed members
         self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self._missing_group = ""  # logged as missing already
 
@@ -456,14 +458,17 @@ class ControlServer:
         """Look the admin group up (at start and on reload, never per connection)."""
         name = cfg.control.admin_group
         gid = None
+        members: list[str] = []
         if name:
             try:
-                gid = grp.getgrnam(name).gr_gid
+                group = grp.getgrnam(name)
+                gid, members = group.gr_gid, group.gr_mem
             except KeyError:
                 if name != self._missing_group:
                     self.server.log.info("control_group_missing", group=name)
         self._missing_group = name if name and gid is None else ""
         self.admin_gid = gid
+        self.admin_uids = member_uids(members)
 
     def close(self) -> None:
         for conn in list(self.conns):
@@ -511,7 +516,9 @@ class ControlServer:
         gid = self.admin_gid
         if gid is None:
             return False
-        return admin.gid == gid or gid in _process_groups(admin.pid)
+        # The kernel's primary gid, the group's member list, or the process's
+        # supplementary groups (from /proc, when it can be read).
+        return admin.gid == gid or admin.uid in self.admin_uids or gid in _process_groups(admin.pid)
 
 
 def probe_control_socket(path: str) -> bool:
@@ -545,6 +552,15 @@ def probe_control_socket(path: str) -> bool:
     finally:
         probe.close()
     raise StartupError(f"control socket {path} is live: another chatd is running")
+
+
+def member_uids(names: list[str]) -> frozenset[int]:
+    """The uids of the users ``names`` (unknown names are skipped)."""
+    uids = set()
+    for name in names:
+        with contextlib.suppress(KeyError):
+            uids.add(pwd.getpwnam(name).pw_uid)
+    return frozenset(uids)
 
 
 def _process_groups(pid: int) -> set[int]:

@@ -412,6 +412,33 @@ def test_members_of_the_admin_group_are_allowed(
 
 
 @root_only
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is missing")
+def test_members_listed_in_the_admin_group_are_allowed(
+    start: Callable[..., Daemon], public_dir: Path
+) -> None:
+    # The daemon sees an /etc/group that lists nobody in its admin group (a
+    # bind mount in its own mount namespace); the peer's process has no
+    # supplementary groups, so only the member list can let it in.
+    group_file = public_dir / "group"
+    group_file.write_text(Path("/etc/group").read_text() + "chatd-test-admins:x:4242:nobody\n")
+    probe = subprocess.run(
+        ["unshare", "--mount", "--", "true"], capture_output=True, text=True, timeout=10
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.strip()}")
+    path = str(public_dir / "admin.sock")
+    bind = 'mount --bind "$0" /etc/group && exec "$@"'
+    start(
+        {"control": {"socket": path, "mode": "0666", "admin_group": "chatd-test-admins"}},
+        prefix=["unshare", "--mount", "--", "sh", "-c", bind, str(group_file)],
+    )
+    _, out = as_user(raw_list(path))
+    assert json.loads(out)["ok"] is True, out
+    _, out = as_user(raw_list(path), uid=NOBODY - 1, gid=NOBODY - 1)  # not a member
+    assert json.loads(out)["code"] == "permission_denied", out
+
+
+@root_only
 def test_the_socket_mode_keeps_others_out(start: Callable[..., Daemon], public_dir: Path) -> None:
     path = str(public_dir / "admin.sock")
     start({"control": {"socket": path, "admin_group": ""}})
