@@ -67,7 +67,15 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 class Room:
-    __slots__ = ("_batch", "_fresh", "_members", "_name_frames", "deliveries", "header_length")
+    __slots__ = (
+        "_batch",
+        "_fresh",
+        "_members",
+        "_name_frames",
+        "_posts",
+        "deliveries",
+        "header_length",
+    )
 
     def __init__(self, header_length: int = protocol.DEFAULT_HEADER_LENGTH) -> None:
         self.header_length = header_length
@@ -75,8 +83,10 @@ class Room:
         # Frames posted this pass: (data, excluded sender or None, sole recipient or None).
         self._batch: list[tuple[bytes, Member | None, Member | None]] = []
         # Members who joined this pass -> the batch index they joined at: what
-        # was posted before that is not for them.
+        # was posted before that is not for them.  flush_direct() also records
+        # here how far it served a member.
         self._fresh: dict[int, int] = {}
+        self._posts = 0  # members' messages in the batch (post()), as opposed to notices
         self._name_frames: dict[str, bytes] = {}  # sender name -> its encoded frame
         self.deliveries = 0  # frame pairs handed to members, for the stats
 
@@ -84,6 +94,11 @@ class Room:
     def pending(self) -> bool:
         """True when something posted waits for flush()."""
         return bool(self._batch)
+
+    @property
+    def notices_only(self) -> bool:
+        """True when no member's message waits: only notices and private frames."""
+        return not self._posts
 
     def __len__(self) -> int:
         return len(self._members)
@@ -135,6 +150,7 @@ class Room:
     def post(self, sender: Member, text: str, *, as_name: str | None = None) -> None:
         """Queue ``text`` from ``sender`` for every other member."""
         self._batch.append((self.frame(as_name or sender.name, text), sender, None))
+        self._posts += 1
 
     def notice(self, text: str, *, exclude: Member | None = None) -> None:
         """Queue a server notice for every member (but ``exclude``)."""
@@ -150,6 +166,7 @@ class Room:
         if not batch:
             return
         self._batch = []
+        self._posts = 0
         fresh = self._fresh
         if fresh:
             self._fresh = {}
@@ -187,6 +204,45 @@ class Room:
             elif shared:
                 self.deliveries += len(broadcasts)
                 m.deliver(shared)
+
+    def flush_direct(self) -> None:
+        """Deliver now only what needs no broadcast: each member's private frames
+        (a welcome, a command's answer) up to the first broadcast due to it.
+
+        The broadcasts (join and leave notices in a join storm) stay queued for
+        the next flush(), so that many of them go to each member in one send;
+        every member still gets its frames in the order they were posted.
+        """
+        batch = self._batch
+        if all(only is not None for _, _, only in batch):
+            self.flush()  # nothing but private frames: all of it can go
+            return
+        fresh = self._fresh
+        plan: list[tuple[Member, int, list[bytes]]] = []
+        seen: set[int] = set()
+        for _, _, only in batch:
+            if only is None or id(only) in seen:
+                continue
+            seen.add(id(only))
+            if only not in self:
+                continue
+            start = fresh.get(id(only), 0)
+            mine: list[bytes] = []
+            end = len(batch)
+            for i in range(start, len(batch)):
+                d, exclude, to = batch[i]
+                if to is only:
+                    mine.append(d)
+                elif to is None and exclude is not only:
+                    end = i  # a broadcast for it: the rest waits behind it
+                    break
+            if mine:
+                plan.append((only, end, mine))
+        for m, end, mine in plan:
+            if m in self:
+                fresh[id(m)] = end  # before deliver(), which may make it leave
+                self.deliveries += len(mine)
+                m.deliver(b"".join(mine))
 
 
 def _select(

@@ -43,6 +43,7 @@ RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
 ACCEPT_BATCH = 128  # connections accepted per listener per pass
 LINGER = 2.0  # seconds a closing connection gets to take its last notice
 BACKLOG = 4096
+NOTICE_INTERVAL = 0.01  # seconds: notices alone are broadcast at most this often
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one each
 
 
@@ -97,6 +98,8 @@ class Server:
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._stopping = False
         self._stop_deadline = 0.0
+        self._notices_due = 0.0  # notices alone wait until then (see _flush_room)
+        self._holding = False  # notices are queued, waiting for _notices_due
         self.notifier = notifier or Notifier(None)
         self._status_scheduled = False
         self._reload_error: str | None = None  # shown in STATUS= until a reload succeeds
@@ -191,7 +194,6 @@ class Server:
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; return the exit status."""
         select = self.sel.select
-        room = self.room
         log.defer(True)  # each pass's lines are written in one piece, before select()
         while True:
             log.flush()
@@ -210,7 +212,7 @@ class Server:
                         data()
                 except Exception:
                     self._internal_error(data)
-            room.flush()
+            self._flush_room()
             if self._timers:
                 self._run_timers()
             if self._doomed:
@@ -222,11 +224,31 @@ class Server:
         return 0
 
     def _timeout(self) -> float | None:
-        if self.room.pending or self._doomed:
+        if (self.room.pending and not self._holding) or self._doomed:
             return 0
-        if not self._timers:
-            return None
-        return max(0.0, self._timers[0][0] - time.monotonic())
+        due = self._notices_due if self._holding else None
+        if self._timers and (due is None or self._timers[0][0] < due):
+            due = self._timers[0][0]
+        return None if due is None else max(0.0, due - time.monotonic())
+
+    def _flush_room(self) -> None:
+        """Hand out what this pass posted; hold back notices that come too often.
+
+        Join and leave notices go out at once, unless the last broadcast was
+        less than NOTICE_INTERVAL ago: then they wait for it (a join storm
+        costs one send per member per interval, not per pass) while each
+        newcomer's welcome goes at once.  Members' messages never wait.
+        """
+        room = self.room
+        if not room.pending:
+            return
+        if room.notices_only and not self._stopping and time.monotonic() < self._notices_due:
+            room.flush_direct()
+            self._holding = room.pending
+            return
+        room.flush()
+        self._holding = False
+        self._notices_due = time.monotonic() + NOTICE_INTERVAL
 
     def _internal_error(self, data: Any) -> None:
         # A bug must cost one connection, never the daemon.

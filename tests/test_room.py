@@ -125,6 +125,60 @@ def test_newcomers_are_served_before_the_rest_of_the_room() -> None:
     assert [m.pairs() for m in new] == [[(NOTICE_SENDER, "welcome")]] * 2
 
 
+def test_flush_direct_sends_welcomes_and_holds_the_notices() -> None:
+    room = Room()
+    old = Member("old")
+    room.join(old)
+    newcomers = [Member(f"n{i}") for i in range(3)]
+    for m in newcomers:
+        room.join(m)
+        room.send_to(m, NOTICE_SENDER, f"welcome, {m.name}")
+        room.notice(f"{m.name} joined", exclude=m)
+    assert room.notices_only
+    room.flush_direct()
+    assert old.chunks == []
+    assert [m.pairs() for m in newcomers] == [[(NOTICE_SENDER, f"welcome, n{i}")] for i in range(3)]
+    room.send_to(old, NOTICE_SENDER, "private, after the notices")
+    room.flush_direct()
+    assert old.chunks == []  # it must not overtake the notices queued before it
+    room.flush()
+    assert old.pairs() == [(NOTICE_SENDER, f"n{i} joined") for i in range(3)] + [
+        (NOTICE_SENDER, "private, after the notices")
+    ]
+    assert len(old.chunks) == 1
+    assert newcomers[0].pairs() == [
+        (NOTICE_SENDER, "welcome, n0"),
+        (NOTICE_SENDER, "n1 joined"),
+        (NOTICE_SENDER, "n2 joined"),
+    ]
+    assert newcomers[2].pairs() == [(NOTICE_SENDER, "welcome, n2")]
+    assert not room.pending
+
+
+def test_flush_direct_sends_everything_when_nothing_is_a_broadcast() -> None:
+    room = Room()
+    a = Member("a")
+    room.join(a)
+    room.send_to(a, NOTICE_SENDER, "one")
+    room.send_to(a, NOTICE_SENDER, "two")
+    room.flush_direct()
+    assert a.pairs() == [(NOTICE_SENDER, "one"), (NOTICE_SENDER, "two")]
+    assert not room.pending
+
+
+def test_a_members_message_makes_the_batch_more_than_notices() -> None:
+    room = Room()
+    a, b = Member("a"), Member("b")
+    room.join(a)
+    room.join(b)
+    room.notice("n")
+    assert room.notices_only
+    room.post(a, "hi")
+    assert not room.notices_only
+    room.flush()
+    assert room.notices_only and b.pairs() == [(NOTICE_SENDER, "n"), ("a", "hi")]
+
+
 def test_a_member_who_rejoins_in_the_same_pass_starts_afresh() -> None:
     room = Room()
     a, b = Member("a"), Member("b")

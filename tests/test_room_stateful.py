@@ -173,6 +173,17 @@ class RoomMachine(RuleBasedStateMachine):
         self.room.flush()
         self._sync_deaths()
 
+    @rule()
+    def flush_direct(self) -> None:
+        # Private frames may go ahead of queued broadcasts, never out of order.
+        self.room.flush_direct()
+        self._sync_deaths()
+        for m in self.present:
+            since = self.joined_at[id(m)]
+            want = [p.pair for p in self.log[since:] if p.meant_for(m)]
+            got = m.pairs()
+            assert got == want[: len(got)], m.name
+
     @precondition(lambda self: not self.room.pending)
     @invariant()
     def everyone_got_exactly_their_share(self) -> None:
