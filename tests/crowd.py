@@ -66,7 +66,7 @@ class Crowd:
             now = len(self.members)
             fresh = []
             for i in range(now, min(now + batch, start + n)):
-                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
                 sock.setblocking(False)
                 fresh.append(Member(sock, f"{self.prefix}{i}"))
             # Names go out together, as when a crowd arrives at once.

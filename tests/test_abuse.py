@@ -321,7 +321,10 @@ def _crowd_broadcast(start: Callable[..., Daemon], n: int) -> int:
         raise_nofile(n + 1000)
     except OSError as e:
         pytest.skip(f"cannot open {n} connections here: {e}")
-    daemon = start({**QUICK_EXIT, "max_clients": n + 100, "log": {"messages": False}})
+    # A crowd this size on a loaded machine can take seconds per thousand joins;
+    # the handshake timeout is not what this test is about.
+    settings = {"max_clients": n + 100, "handshake_timeout": 120, "log": {"messages": False}}
+    daemon = start({**QUICK_EXIT, **settings})
     by = Bystanders(daemon)
     crowd = Crowd(daemon.port)
     try:
