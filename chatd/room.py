@@ -69,6 +69,7 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 class Room:
     __slots__ = (
         "_batch",
+        "_first",
         "_fresh",
         "_members",
         "_name_frames",
@@ -86,6 +87,7 @@ class Room:
         # was posted before that is not for them.  flush_direct() also records
         # here how far it served a member.
         self._fresh: dict[int, int] = {}
+        self._first: tuple[int, str, set[int], int, int | None] | None = None  # first_names()
         self._posts = 0  # members' messages in the batch (post()), as opposed to notices
         self._name_frames: dict[str, bytes] = {}  # sender name -> its encoded frame
         self.deliveries = 0  # frame pairs handed to members, for the stats
@@ -116,6 +118,32 @@ class Room:
     def names(self) -> list[str]:
         return [m.name for m in self._members.values()]
 
+    def first_names(self, max_bytes: int) -> tuple[str, set[int], int, int | None]:
+        """The first members' names in join order, comma-separated, while each
+        name plus 2 bytes keeps the running total within ``max_bytes``.
+
+        Returns (text, ids of the members named, how many, id of the first
+        member that did not fit or None).  Kept between calls: a join only
+        appends to the room, so once the list is full it stays right until
+        someone leaves.
+        """
+        cached = self._first
+        if cached is not None and cached[0] == max_bytes:
+            return cached[1:]
+        shown: list[str] = []
+        ids: set[int] = set()
+        size = 0
+        stop: int | None = None
+        for m in self._members.values():
+            size += len(m.name.encode()) + 2
+            if size > max_bytes:
+                stop = id(m)
+                break
+            shown.append(m.name)
+            ids.add(id(m))
+        self._first = (max_bytes, ", ".join(shown), ids, len(shown), stop)
+        return self._first[1:]
+
     def name_taken(self, name: str) -> bool:
         return name.casefold() in self._members
 
@@ -124,6 +152,8 @@ class Room:
         if key in self._members:
             raise ValueError(f"the name {member.name!r} is taken")
         self._members[key] = member
+        if self._first is not None and self._first[4] is None:
+            self._first = None  # it named everyone: the newcomer may fit too
         if self._batch:
             # What was posted before the join is not for the newcomer; flushing
             # here instead would cost a send per member per join.
@@ -136,6 +166,7 @@ class Room:
             return False
         del self._members[key]
         self._fresh.pop(id(member), None)
+        self._first = None
         return True
 
     def frame(self, sender: str, text: str) -> bytes:

@@ -827,11 +827,17 @@ def online_line(room: Room, me: Connection, max_bytes: int = commands.WHO_MAX_BY
     """Who else is online, for a welcome: names up to about ``max_bytes``, then a count.
 
     Only the names shown are visited, so a join into a room of 10,000 costs
-    no more than one into a room of 1,000, and no welcome is larger than /who.
+    no more than one into a room of 1,000, and no welcome is larger than /who;
+    in a join storm the list of the first names is the room's cached one.
     """
     others = len(room) - (me in room)
     if not others:
         return "nobody else is online"
+    text, ids, count, stop = room.first_names(max_bytes)
+    if id(me) not in ids and id(me) != stop:
+        # The usual case, a newcomer in a full room: the room's cached list
+        # of the first names is the answer (me, if a member, comes after it).
+        return f"online: {text} and {others - count} more" if count < others else f"online: {text}"
     shown: list[str] = []
     size = 0
     for member in room:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from chatd.protocol import FrameDecoder
 from chatd.room import NOTICE_SENDER, Room, name_problem, text_problem
@@ -179,6 +181,20 @@ def test_a_members_message_makes_the_batch_more_than_notices() -> None:
     assert room.notices_only and b.pairs() == [(NOTICE_SENDER, "n"), ("a", "hi")]
 
 
+def test_first_names_fit_the_budget_and_follow_joins_and_leaves() -> None:
+    room = Room()
+    assert room.first_names(10) == ("", set(), 0, None)
+    a, b, c = Member("aa"), Member("bb"), Member("cc")
+    room.join(a)
+    room.join(b)
+    assert room.first_names(8) == ("aa, bb", {id(a), id(b)}, 2, None)
+    room.join(c)  # 12 bytes with separators: over 8
+    assert room.first_names(8) == ("aa, bb", {id(a), id(b)}, 2, id(c))
+    room.leave(a)
+    assert room.first_names(8) == ("bb, cc", {id(b), id(c)}, 2, None)
+    assert room.first_names(4)[0] == "bb"
+
+
 def test_a_member_who_rejoins_in_the_same_pass_starts_afresh() -> None:
     room = Room()
     a, b = Member("a"), Member("b")
@@ -253,3 +269,43 @@ def test_text_problem() -> None:
     assert text_problem("ünïcødé ✓") is None
     assert text_problem("two\nlines") is not None
     assert text_problem("\x1b[2J") is not None
+
+
+def _online_line_by_walking(room: Room, me: object, max_bytes: int) -> str:
+    """online_line as first written: a walk over the members (the reference)."""
+    others = len(room) - (me in room)
+    if not others:
+        return "nobody else is online"
+    shown: list[str] = []
+    size = 0
+    for member in room:
+        if member is me:
+            continue
+        size += len(member.name.encode()) + 2
+        if size > max_bytes:
+            return f"online: {', '.join(shown)} and {others - len(shown)} more"
+        shown.append(member.name)
+    return f"online: {', '.join(shown)}"
+
+
+@given(
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 30)), max_size=60),
+    budgets=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    who=st.integers(0, 40),
+)
+def test_online_line_matches_walking_the_room(
+    ops: list[tuple[bool, int]], budgets: list[int], who: int
+) -> None:
+    from chatd.server import online_line
+
+    room = Room()
+    people = [Member(f"{'é' * (i % 3)}m{i}") for i in range(31)]
+    for join, i in ops:
+        if join and people[i] not in room:
+            room.join(people[i])
+        elif not join and len(room):
+            room.leave(list(room)[i % len(room)])
+        for budget in budgets:  # asked after every change, so the cache is exercised
+            me = people[who] if who < len(people) else Member("outsider")
+            got = online_line(room, me, budget)  # type: ignore[arg-type]
+            assert got == _online_line_by_walking(room, me, budget)
