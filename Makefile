@@ -66,6 +66,7 @@ LIBDIR ?= $(PREFIX)/lib
 MANDIR ?= $(PREFIX)/share/man
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 INSTALL_PYTHON ?= /usr/bin/python3
 INSTALL_DEPS ?= yes
 PIP_ARGS ?=
@@ -102,6 +103,7 @@ endif
 		sed 's|@BINDIR@|$(BINDIR)|g' "$$u" > '$(DESTDIR)$(UNITDIR)'/"$${u##*/}"; \
 		chmod 0644 '$(DESTDIR)$(UNITDIR)'/"$${u##*/}"; \
 	done
+	install -D -m 0644 systemd/chatd.sysusers '$(DESTDIR)$(SYSUSERSDIR)/chatd.conf'
 	for m in $(MAN_PAGES); do \
 		install -D -m 0644 "$$m" '$(DESTDIR)$(MANDIR)'/man"$${m##*.}"/"$${m##*/}"; \
 	done
@@ -110,13 +112,24 @@ endif
 	else \
 		install -D -m 0644 etc/chatd.yaml '$(DESTDIR)$(SYSCONFDIR)/chatd/chatd.yaml'; \
 	fi
+# The admin group, which chatd.service needs, is created on the real root only
+# (a package runs systemd-sysusers when it is installed).
+ifeq ($(DESTDIR),)
+	if command -v systemd-sysusers >/dev/null; then \
+		systemd-sysusers '$(SYSUSERSDIR)/chatd.conf'; \
+	elif ! getent group chatd-admin >/dev/null; then \
+		groupadd --system chatd-admin; \
+	fi
+endif
 	@echo "installed chatd in $(DESTDIR)$(PREFIX); next: systemctl daemon-reload && systemctl enable --now chatd"
 
-# Removes what install put there; the config only if it is unchanged.
+# Removes what install put there; the config only if it is unchanged.  The
+# group chatd-admin stays (files may belong to it; groupdel removes it).
 uninstall:
 	rm -rf '$(DESTDIR)$(PKGDIR)'
 	for s in $(SCRIPTS); do rm -f '$(DESTDIR)$(BINDIR)'/"$${s%%:*}"; done
 	for u in $(UNITS); do rm -f '$(DESTDIR)$(UNITDIR)'/"$${u##*/}"; done
+	rm -f '$(DESTDIR)$(SYSUSERSDIR)/chatd.conf'
 	for m in $(MAN_PAGES); do rm -f '$(DESTDIR)$(MANDIR)'/man"$${m##*.}"/"$${m##*/}"; done
 	if cmp -s etc/chatd.yaml '$(DESTDIR)$(SYSCONFDIR)/chatd/chatd.yaml'; then \
 		rm -f '$(DESTDIR)$(SYSCONFDIR)/chatd/chatd.yaml'; \

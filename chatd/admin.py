@@ -28,6 +28,7 @@ import errno
 import grp
 import json
 import os
+import platform
 import pwd
 import selectors
 import socket
@@ -60,6 +61,13 @@ MAX_TEXT = 1024  # characters in a notice or reason
 NOTICE_ROOM = 200  # bytes a notice adds around a reason
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as they were when
+# it connected.  Python does not name it; it is 59 where the socket options are
+# the kernel's generic ones (elsewhere chatd reads the groups from /proc).
+_GENERIC_SOCKOPTS = ("x86_64", "i386", "i686", "aarch64", "arm", "riscv", "s390", "ppc64")
+SO_PEERGROUPS: int | None = getattr(
+    socket, "SO_PEERGROUPS", 59 if platform.machine().startswith(_GENERIC_SOCKOPTS) else None
+)
 
 
 class RequestError(Exception):
@@ -500,7 +508,7 @@ class ControlServer:
             )
             admin = Admin(pid, uid, gid)
             conn = AdminConn(self, sock, admin)
-            if not self.authorized(admin):
+            if not self.authorized(admin, sock):
                 self.server.log.warning("control_denied", uid=uid, gid=gid, pid=pid)
                 group = self.server.config.control.admin_group
                 hint = f"run as root or join group {group}" if group else "run as root"
@@ -510,15 +518,20 @@ class ControlServer:
             else:
                 self.server.log.debug("control_connect", uid=uid, pid=pid)
 
-    def authorized(self, admin: Admin) -> bool:
+    def authorized(self, admin: Admin, sock: socket.socket) -> bool:
         if admin.uid in (0, os.geteuid()):
             return True
         gid = self.admin_gid
         if gid is None:
             return False
-        # The kernel's primary gid, the group's member list, or the process's
-        # supplementary groups (from /proc, when it can be read).
-        return admin.gid == gid or admin.uid in self.admin_uids or gid in _process_groups(admin.pid)
+        if admin.gid == gid or admin.uid in self.admin_uids:
+            return True
+        # The peer's supplementary groups: from the kernel (as when it
+        # connected), else from /proc (which a unit's ProtectProc= may hide).
+        groups = peer_groups(sock)
+        if groups is None:
+            groups = _process_groups(admin.pid)
+        return gid in groups
 
 
 def probe_control_socket(path: str) -> bool:
@@ -563,18 +576,33 @@ def member_uids(names: list[str]) -> frozenset[int]:
     return frozenset(uids)
 
 
-def _process_groups(pid: int) -> set[int]:
+def peer_groups(sock: socket.socket) -> frozenset[int] | None:
+    """The supplementary groups of a Unix socket's peer (SO_PEERGROUPS), or None.
+
+    None where the kernel cannot tell: before Linux 4.13, on an architecture
+    with other option numbers, or for a peer in more than 256 groups.
+    """
+    if SO_PEERGROUPS is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+    except OSError:
+        return None
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
+def _process_groups(pid: int) -> frozenset[int]:
     """The supplementary groups of a (local) process, from /proc."""
     if pid <= 0:
-        return set()
+        return frozenset()
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
             for line in f:
                 if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
+                    return frozenset(int(g) for g in line.split()[1:])
     except (OSError, ValueError):
         pass
-    return set()
+    return frozenset()
 
 
 class AdminConn:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from helpers import NOTICE, ROOT, Admin, Client, Daemon, chatctl, run_chatd_with
 
-from chatd import ctl
+from chatd import admin, ctl
 
 NOBODY = 65534
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
@@ -409,6 +409,31 @@ def test_members_of_the_admin_group_are_allowed(
     assert json.loads(out)["ok"] is True, out
     _, out = as_user(raw_list(path), gid=12345)
     assert json.loads(out)["code"] == "permission_denied", out
+
+
+@root_only
+@pytest.mark.skipif(admin.SO_PEERGROUPS is None, reason="no SO_PEERGROUPS on this architecture")
+def test_the_peers_groups_come_from_the_kernel_not_from_proc(public_dir: Path) -> None:
+    # Under ProtectProc=invisible chatd cannot read another user's /proc/PID:
+    # the kernel tells the groups the peer had when it connected, even once
+    # the peer has exited.
+    path = str(public_dir / "peer.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o666)
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def connect() -> int:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+        return 0
+
+    rc, out = as_user(connect, gid=12345, groups=(12345, 23456))
+    assert rc == 0, out
+    conn, _ = listener.accept()
+    with conn, listener:
+        assert admin.peer_groups(conn) == {12345, 23456}
 
 
 @root_only

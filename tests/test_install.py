@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def expected_files(prefix: str) -> set[str]:
             "etc/chatd/chatd.yaml",
             f"{prefix}/lib/systemd/system/chatd.service",
             f"{prefix}/lib/systemd/system/chatd.socket",
+            f"{prefix}/lib/sysusers.d/chatd.conf",
         }
     )
 
@@ -108,6 +110,28 @@ def test_prefix_moves_everything_but_the_config(tmp_path: Path) -> None:
     assert files(dest) == expected_files("usr")
     service = (dest / "usr/lib/systemd/system/chatd.service").read_text()
     assert "ExecStart=/usr/bin/chatd --config" in service
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None or os.geteuid() != 0,
+    reason="needs systemd-sysusers and root",
+)
+def test_installed_sysusers_file_creates_the_admin_group(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    r = make("install", dest, *OFFLINE)
+    assert "systemd-sysusers" not in r.stdout  # not with DESTDIR: the package's job
+    assert not (dest / "etc/group").exists()
+    conf = dest / "usr/local/lib/sysusers.d/chatd.conf"
+    # What systemd-sysusers would do with it on that system.
+    r2 = subprocess.run(
+        ["systemd-sysusers", f"--root={dest}", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r2.returncode == 0, r2.stderr
+    groups = [line.split(":") for line in (dest / "etc/group").read_text().splitlines()]
+    assert [(g[0], 0 < int(g[2]) < 1000) for g in groups] == [("chatd-admin", True)]
 
 
 def test_install_never_overwrites_the_config_and_uninstall_keeps_a_changed_one(

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT
+
+from chatd.config import Config
 
 UNITS = ROOT / "systemd"
 MAX_EXPOSURE = 2.0
@@ -94,6 +97,23 @@ def test_service_declares_what_chatd_relies_on() -> None:
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     # ~@resources takes setrlimit(): refuse it with EPERM (chatd copes), never kill.
     assert d["SystemCallErrorNumber"] == ["EPERM"]
+    # The admin group's members get in: the control socket is born with chatd's
+    # group (chown() is in ~@privileged), and chatd sees their own uids and
+    # gids (PrivateUsers= would map them to nobody).
+    assert d["Group"] == ["chatd-admin"]
+    assert "PrivateUsers" not in d
+
+
+def test_sysusers_creates_the_group_the_unit_and_the_config_name() -> None:
+    lines = [
+        line.split()
+        for line in (UNITS / "chatd.sysusers").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines == [["g", "chatd-admin", "-"]]
+    config = yaml.safe_load((ROOT / "etc/chatd.yaml").read_text())
+    assert config["control"]["admin_group"] == "chatd-admin"
+    assert Config().control.admin_group == "chatd-admin"
 
 
 def test_socket_names_its_descriptor() -> None:

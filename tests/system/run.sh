@@ -55,11 +55,13 @@ B systemctl reset-failed chatd.socket chatd.service 2>/dev/null || true
 B rm -rf /root/chatd-src /root/wheels /etc/chatd /usr/local/lib/chatd /var/lib/private/chatd \
     /etc/systemd/system/chatd.socket.d /etc/systemd/system/chatd.service.d \
     /usr/local/lib/systemd/system/chatd.service /usr/local/lib/systemd/system/chatd.socket
+B sh -c 'userdel --remove admin1 2>/dev/null; groupdel chatd-admin 2>/dev/null; true'
 "$BOX" copy "$STAGE/src" /root/chatd-src
 "$BOX" copy "$STAGE/wheels" /root/wheels
 
 step "make install (offline, from the wheels)"
 B sh -c 'cd /root/chatd-src && make install PIP_ARGS="--no-index --find-links /root/wheels"'
+B getent group chatd-admin || fail "make install did not create the group chatd-admin"
 B systemctl daemon-reload
 B systemd-analyze verify --man=no /usr/local/lib/systemd/system/chatd.service \
     /usr/local/lib/systemd/system/chatd.socket
@@ -102,6 +104,8 @@ status=$(B systemctl status chatd --no-pager -l) || true
 echo "$status"
 grep -F 'Status: "0 users online, 0 connections"' <<<"$status" >/dev/null || fail "no STATUS line"
 B test -S /run/chatd/admin.sock || fail "no control socket /run/chatd/admin.sock"
+sockperm=$(B stat -c '%G %a' /run/chatd/admin.sock)
+[ "$sockperm" = "chatd-admin 660" ] || fail "the control socket is $sockperm, not chatd-admin 660"
 pid=$(B systemctl show -p MainPID --value chatd)
 B grep -E '^(Uid|NoNewPrivs|Seccomp):' "/proc/$pid/status" | tee "$STAGE/proc-status"
 grep -Eq '^Uid:\s+0\s' "$STAGE/proc-status" && fail "chatd runs as root"
@@ -127,7 +131,9 @@ B cat /root/alice.jsonl
 B grep -q '"from": "bob", "text": "hello from the chat client"' /root/alice.jsonl ||
     fail "alice did not get bob's line"
 
-step "chatctl as root sees who is online; an ordinary user is refused"
+step "chatctl as root and as a member of chatd-admin sees who is online; an ordinary user is refused"
+# Made a member while chatd runs: no reload, no sudo.
+B sh -c 'useradd --create-home admin1 && usermod -aG chatd-admin admin1'
 B $CHECK hold "$PORT" carol 5 &
 holder=$!
 for i in $(seq 1 50); do
@@ -137,6 +143,9 @@ for i in $(seq 1 50); do
 done
 echo "$out"
 grep -q carol <<<"$out" || fail "chatctl list does not show carol"
+out=$(B runuser -u admin1 -- chatctl list 2>&1) || fail "chatctl list failed for admin1, in chatd-admin: $out"
+echo "admin1: $out"
+grep -q carol <<<"$out" || fail "chatctl list as admin1 does not show carol"
 for i in $(seq 1 30); do  # STATUS= is rate-limited to one a second
     status=$(B systemctl status chatd --no-pager -l) || true
     grep -qF 'Status: "1 user online, 1 connection"' <<<"$status" && break
@@ -265,6 +274,8 @@ done
 step "make uninstall"
 B sh -c 'cd /root/chatd-src && make uninstall'
 B test ! -e /usr/local/bin/chatd || fail "chatd still installed"
+B test ! -e /usr/local/lib/sysusers.d/chatd.conf || fail "sysusers.d/chatd.conf still installed"
+B getent group chatd-admin >/dev/null || fail "make uninstall removed the group chatd-admin"
 
 echo
 echo "ALL SYSTEM TESTS PASSED in $(( $(date +%s) - t0 )) s"
