@@ -9,6 +9,7 @@ gets its own copy, without its messages.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
 import unicodedata
@@ -69,6 +70,8 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 class Room:
     __slots__ = (
         "_batch",
+        "_broadcasts",
+        "_direct_from",
         "_first",
         "_fresh",
         "_members",
@@ -88,6 +91,8 @@ class Room:
         # here how far it served a member.
         self._fresh: dict[int, int] = {}
         self._first: tuple[int, str, set[int], int, int | None] | None = None  # first_names()
+        self._broadcasts = 0  # items of the batch for everyone (but a sender)
+        self._direct_from = 0  # where flush_direct() looks for private frames next
         self._posts = 0  # members' messages in the batch (post()), as opposed to notices
         self._name_frames: dict[str, bytes] = {}  # sender name -> its encoded frame
         self.deliveries = 0  # frame pairs handed to members, for the stats
@@ -182,10 +187,12 @@ class Room:
         """Queue ``text`` from ``sender`` for every other member."""
         self._batch.append((self.frame(as_name or sender.name, text), sender, None))
         self._posts += 1
+        self._broadcasts += 1
 
     def notice(self, text: str, *, exclude: Member | None = None) -> None:
         """Queue a server notice for every member (but ``exclude``)."""
         self._batch.append((self.frame(NOTICE_SENDER, text), exclude, None))
+        self._broadcasts += 1
 
     def send_to(self, member: Member, sender: str, text: str) -> None:
         """Queue a frame pair for one member, in order with the broadcasts."""
@@ -197,7 +204,7 @@ class Room:
         if not batch:
             return
         self._batch = []
-        self._posts = 0
+        self._posts = self._broadcasts = self._direct_from = 0
         fresh = self._fresh
         if fresh:
             self._fresh = {}
@@ -217,24 +224,46 @@ class Room:
         # Members named in the batch (senders, private recipients) and those who
         # joined during it need their own selection; everyone else gets the
         # shared join of the broadcasts.
-        special = {id(m): 0 for _, ex, only in batch for m in (ex, only) if m is not None}
+        named: dict[int, int] = {}  # id(member) -> the last index naming it
+        broadcasts: list[bytes] = []
+        at: list[int] = []  # the batch index of each broadcast
+        for i, (data, ex, only) in enumerate(batch):
+            if only is None:
+                broadcasts.append(data)
+                at.append(i)
+                if ex is not None:
+                    named[id(ex)] = i
+            else:
+                named[id(only)] = i
+        special = dict.fromkeys(named, 0)
         special.update(fresh)
-        broadcasts = [data for data, _, only in batch if only is None]
         shared = b"".join(broadcasts)
+        tails: dict[int, bytes] = {}  # first broadcast -> the join from it on
         if fresh:
             # Newcomers first: their welcome should not wait for the whole room.
             # They joined last, so they are the last len(fresh) members.
             members = members[-len(fresh) :] + members[: -len(fresh)]
         for m in members:
             start = special.get(id(m))
-            if start is not None:
+            if start is None:
+                if shared:
+                    self.deliveries += len(broadcasts)
+                    m.deliver(shared)
+            elif named.get(id(m), -1) < start:
+                # Nothing from ``start`` on names it (a newcomer served by
+                # flush_direct): it gets every broadcast from there, shared.
+                k = bisect.bisect_left(at, start)
+                if k < len(at):
+                    tail = tails.get(k)
+                    if tail is None:
+                        tail = tails[k] = b"".join(broadcasts[k:])
+                    self.deliveries += len(at) - k
+                    m.deliver(tail)
+            else:
                 mine = list(_select(batch, m, start))
                 if mine:
                     self.deliveries += len(mine)
                     m.deliver(b"".join(mine))
-            elif shared:
-                self.deliveries += len(broadcasts)
-                m.deliver(shared)
 
     def flush_direct(self) -> None:
         """Deliver now only what needs no broadcast: each member's private frames
@@ -245,13 +274,17 @@ class Room:
         every member still gets its frames in the order they were posted.
         """
         batch = self._batch
-        if all(only is not None for _, _, only in batch):
+        if not self._broadcasts:
             self.flush()  # nothing but private frames: all of it can go
             return
         fresh = self._fresh
         plan: list[tuple[Member, int, list[bytes]]] = []
         seen: set[int] = set()
-        for _, _, only in batch:
+        # Private frames before _direct_from were dealt with by an earlier call:
+        # either sent, or stuck behind a broadcast until the next flush().
+        scan = itertools.islice(batch, self._direct_from, None)
+        self._direct_from = len(batch)
+        for _, _, only in scan:
             if only is None or id(only) in seen:
                 continue
             seen.add(id(only))
