@@ -43,7 +43,7 @@ RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
 ACCEPT_BATCH = 128  # connections accepted per listener per pass
 LINGER = 2.0  # seconds a closing connection gets to take its last notice
 BACKLOG = 4096
-NOTICE_INTERVAL = 0.01  # seconds: notices alone are broadcast at most this often
+NOTICE_INTERVAL = 0.025  # seconds: notices alone are broadcast at most this often
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one each
 
 
