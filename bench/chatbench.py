@@ -240,6 +240,19 @@ def saturated(cpu: dict[str, float]) -> str:
     return "neither"
 
 
+@contextlib.contextmanager
+def session(args: argparse.Namespace) -> Iterator[tuple[Daemon, Generator]]:
+    """A fresh chatd and a generator connected to it; both stopped at the end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(Path(tmp), args.daemon_cpu)
+        gen = Generator(daemon.port)
+        try:
+            yield daemon, gen
+        finally:
+            gen.close()
+            daemon.stop()
+
+
 # The load generator: non-blocking clients on one epoll.
 
 JOINING, COUNT, PROBE, DEAD = range(4)
@@ -454,83 +467,77 @@ class Generator:
 
 def fanout(args: argparse.Namespace, receivers: int, rounds: int) -> dict[str, Any]:
     senders_n, probes_n = 10, 2
-    with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(Path(tmp), args.daemon_cpu)
-        gen = Generator(daemon.port)
-        try:
-            names = [f"r{i:05d}" for i in range(receivers - probes_n)]
-            gen.join_many(names, COUNT, 100, 120)
-            _, probes = gen.join_many([f"p{i:05d}" for i in range(probes_n)], PROBE, 100, 30)
-            _, senders = gen.join_many([f"s{i:05d}" for i in range(senders_n)], COUNT, 100, 30)
-            gen.settle()
-            gen.reset_counts()
-            delivery = len(frame("s00000") + frame(message_text(0)))
-            payload = frame(message_text(0))
-            sender_keys = [s.name.encode() for s in senders]
-            measured = [c for c in gen.joined if c not in senders]
-            window = args.window
+    with session(args) as (daemon, gen):
+        names = [f"r{i:05d}" for i in range(receivers - probes_n)]
+        gen.join_many(names, COUNT, 100, 120)
+        _, probes = gen.join_many([f"p{i:05d}" for i in range(probes_n)], PROBE, 100, 30)
+        _, senders = gen.join_many([f"s{i:05d}" for i in range(senders_n)], COUNT, 100, 30)
+        gen.settle()
+        gen.reset_counts()
+        delivery = len(frame("s00000") + frame(message_text(0)))
+        payload = frame(message_text(0))
+        sender_keys = [s.name.encode() for s in senders]
+        measured = [c for c in gen.joined if c not in senders]
+        window = args.window
 
-            def pump(seconds: float) -> None:
-                end = time.monotonic() + seconds
-                while time.monotonic() < end:
-                    for s, key in zip(senders, sender_keys, strict=True):
-                        if s.state == DEAD:
-                            continue
-                        if s.out:
-                            with contextlib.suppress(BlockingIOError):
-                                s.out = s.out[s.sock.send(s.out) :]
-                            continue
-                        seen = min(p.per_sender.get(key, 0) for p in probes)
-                        room = window - (s.sent - seen)
-                        if room > 0:
-                            data = payload * room
-                            s.sent += room
-                            try:
-                                n = s.sock.send(data)
-                            except BlockingIOError:
-                                n = 0
-                            s.out = data[n:]
-                    gen.poll(0.01)
-                    if gen.failed:
-                        raise BenchError(f"clients lost: {gen.failed}")
+        def pump(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for s, key in zip(senders, sender_keys, strict=True):
+                    if s.state == DEAD:
+                        continue
+                    if s.out:
+                        with contextlib.suppress(BlockingIOError):
+                            s.out = s.out[s.sock.send(s.out) :]
+                        continue
+                    seen = min(p.per_sender.get(key, 0) for p in probes)
+                    room = window - (s.sent - seen)
+                    if room > 0:
+                        data = payload * room
+                        s.sent += room
+                        try:
+                            n = s.sock.send(data)
+                        except BlockingIOError:
+                            n = 0
+                        s.out = data[n:]
+                gen.poll(0.01)
+                if gen.failed:
+                    raise BenchError(f"clients lost: {gen.failed}")
 
-            pump(args.warmup)
-            daemon.profile(f"fanout_{receivers}")
-            results = []
-            for _ in range(rounds):
-                b0 = sum(c.nbytes for c in measured)
-                m0 = min(sum(p.per_sender.values()) for p in probes)
-                meter = CpuMeter(daemon, [os.getpid()])
-                t0 = time.monotonic()
-                pump(args.seconds)
-                dt = time.monotonic() - t0
-                cpu = meter.read()
-                b1 = sum(c.nbytes for c in measured)
-                m1 = min(sum(p.per_sender.values()) for p in probes)
-                deliveries, accepted = (b1 - b0) / delivery, m1 - m0
-                busy = cpu["daemon_cpu"] * dt
-                results.append(
-                    {
-                        "deliveries_per_s": round(deliveries / dt),
-                        "accepted_per_s": round(accepted / dt),
-                        # chatd's CPU per unit of work: steadier than rates when
-                        # other processes share the cores.
-                        "chatd_cpu_us_per_message": round(busy / max(accepted, 1) * 1e6, 2),
-                        "chatd_cpu_ns_per_delivery": round(busy / max(deliveries, 1) * 1e9, 1),
-                        **cpu,
-                        "saturated": saturated(cpu),
-                    }
-                )
-            daemon.profile_stop()
-            return summarize(results) | {
-                "receivers": receivers,
-                "senders": senders_n,
-                "window": window,
-                "delivery_bytes": delivery,
-            }
-        finally:
-            gen.close()
-            daemon.stop()
+        pump(args.warmup)
+        daemon.profile(f"fanout_{receivers}")
+        results = []
+        for _ in range(rounds):
+            b0 = sum(c.nbytes for c in measured)
+            m0 = min(sum(p.per_sender.values()) for p in probes)
+            meter = CpuMeter(daemon, [os.getpid()])
+            t0 = time.monotonic()
+            pump(args.seconds)
+            dt = time.monotonic() - t0
+            cpu = meter.read()
+            b1 = sum(c.nbytes for c in measured)
+            m1 = min(sum(p.per_sender.values()) for p in probes)
+            deliveries, accepted = (b1 - b0) / delivery, m1 - m0
+            busy = cpu["daemon_cpu"] * dt
+            results.append(
+                {
+                    "deliveries_per_s": round(deliveries / dt),
+                    "accepted_per_s": round(accepted / dt),
+                    # chatd's CPU per unit of work: steadier than rates when
+                    # other processes share the cores.
+                    "chatd_cpu_us_per_message": round(busy / max(accepted, 1) * 1e6, 2),
+                    "chatd_cpu_ns_per_delivery": round(busy / max(deliveries, 1) * 1e9, 1),
+                    **cpu,
+                    "saturated": saturated(cpu),
+                }
+            )
+        daemon.profile_stop()
+        return summarize(results) | {
+            "receivers": receivers,
+            "senders": senders_n,
+            "window": window,
+            "delivery_bytes": delivery,
+        }
 
 
 # Scenario b: latency at a fixed offered rate.
@@ -650,42 +657,36 @@ def capacity(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
     top = args.capacity
     results = []
     for _ in range(rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            daemon = Daemon(Path(tmp), args.daemon_cpu)
-            gen = Generator(daemon.port)
+        with session(args) as (daemon, gen):
+            time.sleep(0.2)
+            rss0 = daemon.rss_kib()
+            daemon.profile("capacity")
+            _, (caster,) = gen.join_many(["caster"], COUNT, 1, 10)
+            steps: list[dict[str, Any]] = []
+            clients = 1
+            stopped = ""
             try:
-                time.sleep(0.2)
-                rss0 = daemon.rss_kib()
-                daemon.profile("capacity")
-                _, (caster,) = gen.join_many(["caster"], COUNT, 1, 10)
-                steps: list[dict[str, Any]] = []
-                clients = 1
-                stopped = ""
-                try:
-                    while clients < top:
-                        clients = _capacity_step(args, daemon, gen, caster, clients, steps)
-                except BenchError as e:
-                    stopped = f"stopped after {clients} clients: {e}"
-                    print(f"    {stopped}", file=sys.stderr)
-                daemon.profile_stop()
-                if not steps:
-                    raise BenchError(stopped)
-                rss_top = steps[-1]["rss_mib"] * 1024
-                clients = steps[-1]["clients"]
-                results.append(
-                    {
-                        "clients": clients,
-                        "rss_mib": steps[-1]["rss_mib"],
-                        "idle_rss_mib": round(rss0 / 1024, 1),
-                        "per_client_kib": round((rss_top - rss0) / (clients - 1), 2),
-                        "connect_s_total": round(sum(s["connect_s"] for s in steps), 3),
-                        "steps": steps,
-                        **({"stopped": stopped} if stopped else {}),
-                    }
-                )
-            finally:
-                gen.close()
-                daemon.stop()
+                while clients < top:
+                    clients = _capacity_step(args, daemon, gen, caster, clients, steps)
+            except BenchError as e:
+                stopped = f"stopped after {clients} clients: {e}"
+                print(f"    {stopped}", file=sys.stderr)
+            daemon.profile_stop()
+            if not steps:
+                raise BenchError(stopped)
+            rss_top = steps[-1]["rss_mib"] * 1024
+            clients = steps[-1]["clients"]
+            results.append(
+                {
+                    "clients": clients,
+                    "rss_mib": steps[-1]["rss_mib"],
+                    "idle_rss_mib": round(rss0 / 1024, 1),
+                    "per_client_kib": round((rss_top - rss0) / (clients - 1), 2),
+                    "connect_s_total": round(sum(s["connect_s"] for s in steps), 3),
+                    "steps": steps,
+                    **({"stopped": stopped} if stopped else {}),
+                }
+            )
     return summarize(results)
 
 
@@ -730,35 +731,29 @@ def _capacity_step(
 def join_storm(args: argparse.Namespace, in_flight: int, rounds: int) -> dict[str, Any]:
     results = []
     for _ in range(rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            daemon = Daemon(Path(tmp), args.daemon_cpu)
-            gen = Generator(daemon.port)
+        with session(args) as (daemon, gen):
+            names = [f"j{i:05d}" for i in range(args.storm)]
+            daemon.profile(f"storm_{in_flight}")
+            meter = CpuMeter(daemon, [os.getpid()])
             try:
-                names = [f"j{i:05d}" for i in range(args.storm)]
-                daemon.profile(f"storm_{in_flight}")
-                meter = CpuMeter(daemon, [os.getpid()])
-                try:
-                    took, joined = gen.join_many(names, COUNT, in_flight, args.step_limit)
-                except BenchError:
-                    took, joined = args.step_limit, gen.joined
-                cpu = meter.read()
-                daemon.profile_stop()
-                refused = sum(gen.failed.values())
-                busy = cpu["daemon_cpu"] * (time.monotonic() - meter.t0)
-                results.append(
-                    {
-                        "joins_per_s": round(len(joined) / took),
-                        "chatd_cpu_us_per_join": round(busy / max(len(joined), 1) * 1e6, 1),
-                        "joined": len(joined),
-                        "refused_or_reset": refused,
-                        "failures": dict(gen.failed),
-                        **cpu,
-                        "saturated": saturated(cpu),
-                    }
-                )
-            finally:
-                gen.close()
-                daemon.stop()
+                took, joined = gen.join_many(names, COUNT, in_flight, args.step_limit)
+            except BenchError:
+                took, joined = args.step_limit, gen.joined
+            cpu = meter.read()
+            daemon.profile_stop()
+            refused = sum(gen.failed.values())
+            busy = cpu["daemon_cpu"] * (time.monotonic() - meter.t0)
+            results.append(
+                {
+                    "joins_per_s": round(len(joined) / took),
+                    "chatd_cpu_us_per_join": round(busy / max(len(joined), 1) * 1e6, 1),
+                    "joined": len(joined),
+                    "refused_or_reset": refused,
+                    "failures": dict(gen.failed),
+                    **cpu,
+                    "saturated": saturated(cpu),
+                }
+            )
     return summarize(results) | {"clients": args.storm, "in_flight": in_flight}
 
 
