@@ -12,6 +12,7 @@ structlog chain would (tests/test_log.py compares them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -40,6 +41,7 @@ class _Output:
         self.stream = stream
         self.deferred = deferred
         self.pending: list[str] = []
+        self.failing = False  # the last write failed (and stderr was told)
 
     def write(self, line: str) -> None:
         if self.deferred:
@@ -60,6 +62,16 @@ class _Output:
         except (BrokenPipeError, ValueError):
             # stdout gone (closed pipe): keep serving; there is nowhere to say so.
             pass
+        except OSError as e:
+            # A full disk or an I/O error under log.file: the lines are lost but
+            # the chat goes on.  Said once on stderr, again after a success.
+            if not self.failing:
+                self.failing = True
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(f"chatd: cannot write the log, lines are lost: {e}\n")
+                    sys.stderr.flush()
+        else:
+            self.failing = False
 
 
 _out = _Output(sys.stdout)

@@ -9,6 +9,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
+import yaml
+from helpers import Daemon
 
 from chatd import log
 from chatd.config import LogConfig
@@ -111,3 +113,20 @@ def test_hot_writes_nothing_above_info() -> None:
     log.hot(log.get(user="a"), "join")
     log.get().warning("shown")
     assert [json.loads(x)["event"] for x in out.getvalue().splitlines()] == ["shown"]
+
+
+def test_a_log_that_cannot_be_written_does_not_stop_the_daemon(daemon: Daemon) -> None:
+    # A full disk under log.file (here /dev/full: every write fails with ENOSPC)
+    # loses log lines, but the chat goes on and the daemon still exits cleanly.
+    alice, bob = daemon.client("alice"), daemon.client("bob")
+    alice.recv()  # bob joined
+    cfg = {**daemon.config, "log": {"format": "json", "file": "/dev/full"}}
+    daemon.config_path.write_text(yaml.safe_dump(cfg))
+    assert "log.file" in daemon.result("reload")["applied"]
+    for i in range(3):
+        alice.send(f"still here {i}")
+        assert bob.recv() == ("alice", f"still here {i}")
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.stderr
+    assert "cannot write the log" in daemon.stderr
