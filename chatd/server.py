@@ -650,6 +650,9 @@ class Server:
         for lsock in self.listeners:
             self._unlisten(lsock)
         self.listeners = []
+        # What this pass accepted goes out before the notice: once everyone has
+        # left the room, nobody would be there to receive it.
+        self._flush_room()
         for conn in list(self.conns.values()):
             self.drop(conn, "shutdown", notice="the server is shutting down")
 

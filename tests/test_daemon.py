@@ -173,6 +173,27 @@ def test_sigterm_sends_a_notice_and_exits_0(daemon: Daemon) -> None:
     daemon.wait_for("shutdown", unflushed=0)
 
 
+def test_messages_accepted_in_the_pass_of_sigterm_are_delivered_before_the_notice(
+    daemon: Daemon,
+) -> None:
+    alice = daemon.client("alice")
+    bob = daemon.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    # Stopped, chatd finds alice's message and SIGTERM in the same pass when it
+    # goes on (the message first: it was ready first).
+    daemon.signal(signal.SIGSTOP)
+    try:
+        alice.send("last words")
+        time.sleep(0.2)
+        daemon.signal(signal.SIGTERM)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert daemon.stop() == 0
+    daemon.wait_for("message", user="alice")  # accepted, so it must reach bob
+    assert bob.expect_closed() == [("alice", "last words"), (NOTICE, "the server is shutting down")]
+    assert alice.expect_closed() == [(NOTICE, "the server is shutting down")]
+
+
 def test_sigint_also_shuts_down(daemon: Daemon) -> None:
     alice = daemon.client("alice")
     daemon.signal(signal.SIGINT)
