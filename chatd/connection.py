@@ -28,6 +28,7 @@ CLOSED = "closed"
 
 class Connection:
     __slots__ = (
+        "accepted",
         "bytes_in",
         "bytes_out",
         "decoder",
@@ -66,7 +67,7 @@ class Connection:
         self.out_bytes = 0
         self.writing = False
         self.since = time.time()
-        self.last_active = time.monotonic()
+        self.last_active = self.accepted = time.monotonic()
         self.messages = 0
         # Flood control (the server's business): a token bucket, full at the start.
         self.limited = False  # whether the bucket applies to this peer

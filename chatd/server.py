@@ -406,6 +406,11 @@ class Server:
 
     def _handshake_expired(self, conn: Connection) -> None:
         if conn.state is HANDSHAKE:
+            # A reload may have raised the timeout since this timer was set.
+            due = conn.accepted + self.config.handshake_timeout
+            if due > time.monotonic():
+                self.call_at(due, self._handshake_expired, conn)
+                return
             self.reject(
                 conn,
                 "handshake timeout",
@@ -716,6 +721,7 @@ class Server:
         """
         log_changed = cfg.log != self.config.log or bool(cfg.log.file)
         idle_changed = cfg.idle_timeout != self.config.idle_timeout
+        handshake_shorter = cfg.handshake_timeout < self.config.handshake_timeout
         if log_changed:
             self._configure_logging(cfg)
             self.log = log.get()
@@ -732,6 +738,10 @@ class Server:
                 conn.decoder.max_payload = cfg.max_message_bytes
             elif conn.state is HANDSHAKE:
                 conn.decoder.max_payload = cfg.max_name_bytes
+                if handshake_shorter:  # its timer is set for the old, later time
+                    self.call_at(
+                        conn.accepted + cfg.handshake_timeout, self._handshake_expired, conn
+                    )
             if log_changed:
                 conn.rebind_log()
 

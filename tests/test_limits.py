@@ -192,6 +192,29 @@ def test_idle_timeout_is_off_by_default_and_reloadable(daemon: Daemon) -> None:
     stays.expect_nothing(0.1)
 
 
+def test_handshake_timeout_is_reloaded_for_pending_connections_too(
+    start: Callable[..., Daemon],
+) -> None:
+    d = start({"handshake_timeout": 60})
+    pending = Client(d.port)  # connected, no name yet
+    deadline = time.monotonic() + 5
+    while d.result("stats")["connections"] < 1:  # accepted under the old timeout
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    reload(d, {"handshake_timeout": 0.3})
+    assert pending.expect_closed(timeout=5) == [(NOTICE, "timed out: no name within 0.3 seconds")]
+    # Raised again: a connection accepted under 0.3 s gets the new 2 s.
+    late = Client(d.port)
+    deadline = time.monotonic() + 5
+    while d.result("stats")["connections"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    reload(d, {"handshake_timeout": 2})
+    late.expect_nothing(0.6)
+    late.send("late")
+    assert late.recv()[1].startswith("welcome, late")
+
+
 def test_the_welcome_in_a_big_room_is_bounded(daemon: Daemon) -> None:
     crowd = Crowd(daemon.port, prefix="a-rather-long-user-name-")
     try:
