@@ -434,8 +434,11 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     for name, f in fields.items():
         key = prefix + name
         if "section" in f.metadata:
-            # An absent section is built too, so its defaults take their checked shape.
-            section_raw = raw.get(name) or {}
+            # An absent or empty (null) section is built too, so its defaults take
+            # their checked shape; `flood: off` (false) is an error, not the defaults.
+            section_raw = raw.get(name)
+            if section_raw is None:
+                section_raw = {}
             values[name] = _build(f.metadata["section"], section_raw, source, key + ".")
             continue
         if name not in raw:

@@ -42,6 +42,16 @@ def test_shipped_config_documents_every_key() -> None:
 
 def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
     assert config.load(write(tmp_path, "")) == config.defaults()
+    # A section whose keys are all commented out is empty (null): its defaults.
+    assert config.load(write(tmp_path, "flood:\ncontrol:\n")) == config.defaults()
+
+
+def test_check_config_refuses_a_section_turned_off(tmp_path: Path) -> None:
+    # `flood: off` does not turn flood control off (rate: 0 does): it is refused, not ignored.
+    p = write(tmp_path, "flood: off\n")
+    r = run_chatd("--check-config", "--config", str(p))
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == f"chatd: error: {p}: flood: expected a mapping of settings, got False\n"
 
 
 def test_listen_forms(tmp_path: Path) -> None:
@@ -104,6 +114,10 @@ def test_listen_forms(tmp_path: Path) -> None:
             "F: idle_timeout: expected seconds from 0.1 to 604800 (0 for off), got True",
         ),
         ("flood: 5", "F: flood: expected a mapping of settings, got 5"),
+        # A section that is false, zero or empty is not a mapping either (YAML reads off as false).
+        ("flood: off", "F: flood: expected a mapping of settings, got False"),
+        ("control: []", "F: control: expected a mapping of settings, got []"),
+        ("log: 0", "F: log: expected a mapping of settings, got 0"),
         ("flood: {rate: fast}", "F: flood.rate: expected messages per second (0 for off) from 0"),
         ("flood: {rate: -1}", "F: flood.rate: expected messages per second (0 for off) from 0"),
         ("flood: {burst: 0}", "F: flood.burst: expected an integer 1-1000000, got 0"),
