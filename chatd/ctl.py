@@ -396,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatctl: {e}", file=sys.stderr)
         return UNREACHABLE
     except Failed as e:
-        print(f"chatctl: {args.command}: {e}", file=sys.stderr)
+        # The daemon names the command in most of its errors ("say: text is empty").
+        error, prefix = str(e), f"{args.command}: "
+        print(f"chatctl: {prefix}{error.removeprefix(prefix)}", file=sys.stderr)
         return FAILED
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))

@@ -133,7 +133,7 @@ def test_say_refuses_control_characters_and_empty_text(daemon: Daemon) -> None:
     assert reply["ok"] is False and reply["code"] == "bad_request"
     assert "control characters" in reply["error"]
     r = daemon.ctl("say", "  ")
-    assert (r.returncode, r.stderr) == (1, "chatctl: say: say: text is empty\n")
+    assert (r.returncode, r.stderr) == (1, "chatctl: say: text is empty\n")
     alice.expect_nothing()
 
 
