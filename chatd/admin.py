@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import pwd
+import re
 import selectors
 import socket
 import stat
@@ -298,10 +299,20 @@ def ban_json(ban: Ban, now: float) -> dict[str, Any]:
     }
 
 
+# Dotted digits, or hex digits with a colon, perhaps with %scope and /prefix: meant as an address.
+_ADDRESS_LIKE = re.compile(r"(?:\d+(?:\.\d+)+|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*)(?:%\S*)?(?:/\S*)?")
+
+
 def _target(cmd: str, args: dict[str, Any], max_name_bytes: int) -> tuple[str, str]:
     """The (kind, normalised target) a ban or unban names."""
     target = args["target"].strip()
     kind = args.get("kind") or ("address" if parse_network(target) is not None else "name")
+    if cmd == "ban" and kind == "name" and not args.get("kind") and _ADDRESS_LIKE.fullmatch(target):
+        raise RequestError(  # 10.0.0.0/33: a typo, not a name
+            "bad_request",
+            f"{cmd}: not an IP address or network (CIDR): {target!r} "
+            '(to ban a name that looks like one, give kind "name": chatctl ban --name)',
+        )
     if kind == "address":
         net = parse_network(target)
         if net is None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import NOTICE, Client, Daemon, run_chatd_with
 
 
@@ -146,6 +147,24 @@ def test_bad_ban_targets(daemon: Daemon) -> None:
     reply = daemon.request("ban", target="x", kind="user")
     assert reply["error"] == "ban: kind must be name or address, got 'user'"
     assert daemon.result("bans") == {"bans": []}
+
+
+@pytest.mark.parametrize("target", ["10.0.0.0/33", "300.1.1.1", "10.0.0.1/abc", "fe80::1::2"])
+def test_a_mistyped_address_is_refused_not_banned_as_a_name(daemon: Daemon, target: str) -> None:
+    r = daemon.ctl("ban", target)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (
+        f"chatctl: ban: not an IP address or network (CIDR): {target!r} "
+        '(to ban a name that looks like one, give kind "name": chatctl ban --name)\n'
+    )
+    assert daemon.result("bans") == {"bans": []}
+    r = daemon.ctl("ban", "--name", target)  # meant as a name, it is one
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"banned name {target} until lifted\n"
+    assert daemon.ctl("unban", target).returncode == 0
+    # Names are not mistaken for addresses.
+    r = daemon.ctl("ban", "cafe.42")
+    assert (r.returncode, r.stdout) == (0, "banned name cafe.42 until lifted\n"), r.stderr
 
 
 def test_bans_survive_a_restart(start: Callable[..., Daemon], tmp_path: Path) -> None:
