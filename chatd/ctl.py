@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import grp
 import json
 import math
+import os
 import socket
 import sys
 import time
@@ -160,10 +162,10 @@ def socket_from_config(path: str, explicit: bool) -> tuple[str | None, str]:
     )
 
 
-def control_socket(args: argparse.Namespace) -> tuple[str, str]:
-    """(socket path, admin group) for these arguments."""
+def control_socket(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(socket path, admin group) for these arguments; the group is None when unknown."""
     if args.socket:
-        return args.socket, DEFAULT_GROUP
+        return args.socket, None
     path = args.config or str(config.DEFAULT_PATH)
     sock, group = socket_from_config(path, explicit=bool(args.config))
     if sock == "":
@@ -175,11 +177,23 @@ def control_socket(args: argparse.Namespace) -> tuple[str, str]:
 # Talking to chatd.
 
 
-def request(path: str, group: str, cmd: str, args: dict[str, Any], timeout: float) -> Any:
-    """Send one request and return its result; raise Unreachable or Failed."""
+def socket_group(path: str) -> str:
+    """The group that may open the socket file at ``path`` ("" for root alone)."""
+    try:
+        st = os.stat(path)
+        return grp.getgrgid(st.st_gid).gr_name if st.st_gid and st.st_mode & 0o060 else ""
+    except (OSError, KeyError):
+        return DEFAULT_GROUP
+
+
+def request(path: str, group: str | None, cmd: str, args: dict[str, Any], timeout: float) -> Any:
+    """Send one request and return its result; raise Unreachable or Failed.
+
+    ``group`` is the admin group, for the hint when permission is denied
+    (None: chatctl does not know the config).
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    denied = f"permission denied on {path}: run as root or join group {group}"
     try:
         try:
             sock.connect(path)
@@ -188,7 +202,10 @@ def request(path: str, group: str, cmd: str, args: dict[str, Any], timeout: floa
         except ConnectionRefusedError:
             raise Unreachable(f"chatd is not running (nothing listens on {path})") from None
         except PermissionError:
-            raise Unreachable(denied) from None
+            if group is None:
+                group = socket_group(path)
+            hint = f"run as root or join group {group}" if group else "run as root"
+            raise Unreachable(f"permission denied on {path}: {hint}") from None
         except TimeoutError:
             raise Unreachable(f"chatd does not answer on {path} (busy?)") from None
         except OSError as e:
@@ -212,7 +229,9 @@ def request(path: str, group: str, cmd: str, args: dict[str, Any], timeout: floa
     if ok is True:
         return reply.get("result")
     if reply.get("code") == "permission_denied":
-        raise Unreachable(denied)
+        # The daemon knows its admin group: "permission denied: run as root or join group G".
+        hint = str(reply.get("error", "")).removeprefix("permission denied: ")
+        raise Unreachable(f"permission denied on {path}: {hint}")
     raise Failed(str(reply.get("error", "the command failed")))
 
 

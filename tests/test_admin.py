@@ -409,6 +409,10 @@ def test_members_of_the_admin_group_are_allowed(
     assert json.loads(out)["ok"] is True, out
     _, out = as_user(raw_list(path), gid=12345)
     assert json.loads(out)["code"] == "permission_denied", out
+    # chatctl --socket does not know the config: it tells the group the daemon names.
+    rc, out = as_user(lambda: ctl.main(["--socket", path, "list"]), gid=12345)
+    assert rc == 3
+    assert out == f"chatctl: permission denied on {path}: run as root or join group nogroup\n"
 
 
 @root_only
@@ -468,9 +472,15 @@ def test_the_socket_mode_keeps_others_out(start: Callable[..., Daemon], public_d
     path = str(public_dir / "admin.sock")
     start({"control": {"socket": path, "admin_group": ""}})
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    # No admin group: the socket has root's group, and only root may use it.
     rc, out = as_user(lambda: ctl.main(["--socket", path, "stats"]))
     assert rc == 3
-    assert out == f"chatctl: permission denied on {path}: run as root or join group chatd-admin\n"
+    assert out == f"chatctl: permission denied on {path}: run as root\n"
+    cfg = public_dir / "chatd.yaml"
+    cfg.write_text(yaml.safe_dump({"control": {"socket": path, "admin_group": ""}}))
+    rc, out = as_user(lambda: ctl.main(["--config", str(cfg), "stats"]))
+    assert rc == 3
+    assert out == f"chatctl: permission denied on {path}: run as root\n"
 
 
 # The socket's life
