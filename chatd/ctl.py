@@ -123,7 +123,9 @@ def positive_seconds(text: str) -> float:
     except ValueError:
         value = math.nan
     if not 0 < value < 86400:
-        raise argparse.ArgumentTypeError(f"expected seconds, more than 0, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, more than 0 and less than 86400, got {text!r}"
+        )
     return value
 
 

@@ -578,7 +578,14 @@ def test_chatctl_takes_the_socket_from_a_config(daemon: Daemon) -> None:
         (["ban", "x", "--for", "5y"], "expected a duration such as 30s, 10m, 2h, 7d or 1h30m"),
         (["ban", "x", "--for", "0s"], "expected a duration from 1s to 100 years, got '0s'"),
         (["--socket", "a", "--config", "b", "list"], "not allowed with argument"),
-        (["--timeout", "0", "list"], "argument --timeout: expected seconds, more than 0, got '0'"),
+        (
+            ["--timeout", "0", "list"],
+            "argument --timeout: expected seconds, more than 0 and less than 86400, got '0'",
+        ),
+        (  # the upper bound is said too
+            ["--timeout", "100000", "list"],
+            "argument --timeout: expected seconds, more than 0 and less than 86400, got '100000'",
+        ),
     ],
 )
 def test_chatctl_usage_errors_exit_2(args: list[str], error: str) -> None:
