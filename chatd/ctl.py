@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import contextlib
 import grp
 import json
 import math
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -202,6 +204,11 @@ def request(path: str, group: str | None, cmd: str, args: dict[str, Any], timeou
         except FileNotFoundError:
             raise Unreachable(f"chatd is not running (no socket at {path})") from None
         except ConnectionRefusedError:
+            with contextlib.suppress(OSError):
+                if not stat.S_ISSOCK(os.stat(path).st_mode):
+                    raise Unreachable(
+                        f"{path} is not a socket (to take the socket from a config, use --config)"
+                    ) from None
             raise Unreachable(f"chatd is not running (nothing listens on {path})") from None
         except PermissionError:
             if group is None:

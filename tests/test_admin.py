@@ -564,6 +564,18 @@ def test_chatctl_when_chatd_is_not_running(tmp_path: Path) -> None:
     assert r.stderr == f"chatctl: chatd is not running (no socket at {path})\n"
 
 
+def test_chatctl_on_a_file_that_is_not_a_socket_says_so(daemon: Daemon) -> None:
+    # The config given to --socket instead of --config: chatd runs, it is no socket.
+    path = daemon.config_path
+    r = chatctl("--socket", str(path), "list")
+    assert (r.returncode, r.stdout) == (3, "")
+    assert r.stderr == (
+        f"chatctl: {path} is not a socket (to take the socket from a config, use --config)\n"
+    )
+    r = chatctl("--socket", str(path.parent), "list")
+    assert r.stderr.startswith(f"chatctl: {path.parent} is not a socket ("), r.stderr
+
+
 def test_chatctl_takes_the_socket_from_a_config(daemon: Daemon) -> None:
     r = chatctl("--config", str(daemon.config_path), "list")
     assert (r.returncode, r.stdout) == (0, "no users online\n"), r.stderr
