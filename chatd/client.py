@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn, Protocol
 
-from chatd import __version__, protocol
+from chatd import __version__, commands, protocol
 from chatd.commands import ACTION_PREFIX, PRIVATE_SUFFIX
 from chatd.room import NOTICE_SENDER
 
@@ -200,6 +200,12 @@ def split_line(line: str, limit: int) -> list[str]:
             piece = "/" + piece
         pieces.append(prefix + piece)
     return pieces
+
+
+def is_quit(line: str) -> bool:
+    """A line the daemon takes as /quit (words after it included): the client leaves."""
+    text = line.strip()
+    return text.startswith("/") and isinstance(commands.parse(text), commands.Quit)
 
 
 def is_room_event(text: str) -> bool:
@@ -553,7 +559,7 @@ async def feed_stdin(chat: Chat, ui: PipeUI, pace: Pace) -> None:
             continue
         if not line:
             continue
-        if line.strip().lower() == "/quit":
+        if is_quit(line):
             return
         for message in split_line(line, chat.limit):
             await pace.take()
@@ -703,7 +709,7 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
         # prompt stays up (the terminal never leaves raw mode between lines, so
         # no key typed right after Enter is lost).
         text = buffer.text
-        if text.strip().lower() == "/quit":
+        if is_quit(text):
             get_app().exit(result="/quit")  # not session.app: a dumb terminal runs another
             return True
         buffer.append_to_history()
@@ -711,6 +717,9 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
         for line in text.splitlines():
             if not line.strip():
                 continue
+            if is_quit(line):  # in a pasted block: what came before it is sent
+                get_app().exit(result="/quit")
+                return False
             if chat.send_line(line):
                 ui.show(own_event(chat.name, line))
             else:

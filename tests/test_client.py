@@ -228,6 +228,24 @@ def test_pipe_commands(daemon: Daemon) -> None:
     alice.expect(NOTICE, "ci left (quit)")  # no command, no private message
 
 
+def test_pipe_quit_with_words_after_it(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    # The daemon takes "/quit see you" as /quit: the client leaves as for /quit,
+    # not with "connection lost", and sends nothing after it.
+    alice = daemon.client("alice")
+    ci = spawn_chat(daemon.port, "-u", "ci", "127.0.0.1")
+    procs.append(ci)
+    welcomed(ci)
+    assert ci.stdin
+    ci.stdin.write("before\n/QUIT see you\n")
+    ci.stdin.flush()
+    alice.expect(NOTICE, "ci joined")
+    alice.expect("ci", "before")
+    alice.expect(NOTICE, "ci left (quit)")
+    ci.wait(20)  # stdin is still open: the /quit line alone ends it
+    assert ci.stderr and ci.stderr.read() == ""
+    assert ci.returncode == 0
+
+
 def test_pipe_paces_itself_under_the_flood_limit(daemon: Daemon) -> None:
     alice = daemon.client("alice")
     lines = [f"line {i}" for i in range(70)]  # 40 at once, then 10 a second
@@ -559,6 +577,29 @@ def test_pasted_lines_are_sent_one_by_one(daemon: Daemon, ttys: list[pexpect.spa
     bob.send("\r")
     assert alice.recv() == ("bob", "pasted_one")
     assert alice.recv() == ("bob", "pasted_two")
+
+
+@pytest.mark.parametrize("typed", ["/quit see you tomorrow", "pasted\n/quit\nnot_sent"])
+def test_interactive_quit_with_words_after_it(
+    daemon: Daemon, ttys: list[pexpect.spawn], typed: str
+) -> None:
+    alice = daemon.client("alice")
+    bob = spawn_tty(daemon.port, "bob")
+    ttys.append(bob)
+    alice.expect(NOTICE, "bob joined")
+    if "\n" in typed:
+        bob.send(f"\x1b[200~{typed}\x1b[201~")  # a bracketed paste
+    else:
+        bob.send(typed)
+    bob.send("\r")
+    bob.expect(pexpect.EOF)
+    bob.close()
+    assert "connection" not in (bob.before or "")
+    assert bob.exitstatus == 0
+    if "pasted" in typed:
+        alice.expect("bob", "pasted")
+    alice.expect(NOTICE, "bob left (quit)")
+    alice.expect_nothing()
 
 
 def sgr_colors(text: str) -> set[str]:
