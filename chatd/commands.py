@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from chatd.protocol import max_length
 from chatd.room import NOTICE_SENDER
 
 if TYPE_CHECKING:
@@ -119,6 +120,13 @@ def parse(text: str) -> Action:
     return Reply((f"unknown command /{shown}; /help lists the commands",))
 
 
+def list_bytes(header_length: int, before: int = 0) -> int:
+    """How long a list of names may be in a notice: WHO_MAX_BYTES, or less when
+    the frame header allows less (``before``: bytes of the notice before the list,
+    room is left for " and N more" after it)."""
+    return min(WHO_MAX_BYTES, max_length(header_length) - before - 24)
+
+
 def who_line(names: list[str], max_bytes: int = WHO_MAX_BYTES) -> str:
     """The /who answer: every name, or as many as fit in about ``max_bytes``."""
     head = f"online ({len(names)}): "
@@ -152,7 +160,7 @@ def run(server: Server, conn: Connection, text: str) -> None:
         room.send_to(target, private_sender(conn.name), action.text)
         server.message_accepted(conn, action.text, kind="private", to=target.name)
     elif isinstance(action, Who):
-        room.send_to(conn, NOTICE_SENDER, who_line(room.names()))
+        room.send_to(conn, NOTICE_SENDER, who_line(room.names(), list_bytes(room.header_length)))
     elif isinstance(action, Quit):
         server.drop(conn, "quit")
     else:

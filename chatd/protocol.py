@@ -57,6 +57,14 @@ def max_length(header_length: int) -> int:
     return int(10**header_length) - 1
 
 
+def cut(text: str, max_bytes: int) -> str:
+    """``text``, shortened if need be to at most ``max_bytes`` of UTF-8 (whole characters)."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    return data[: max(max_bytes, 0)].decode(errors="ignore")
+
+
 class FrameDecoder:
     """Turn a byte stream into frames.
 

@@ -175,13 +175,18 @@ class Room:
         return True
 
     def frame(self, sender: str, text: str) -> bytes:
+        """The frame pair (sender, text); a notice too long for the header is cut to fit."""
         hl = self.header_length
         name = self._name_frames.get(sender)
         if name is None:
             if len(self._name_frames) >= NAME_FRAMES_KEPT:
                 self._name_frames.clear()
-            name = self._name_frames[sender] = protocol.encode(sender, hl)
-        return name + protocol.encode(text, hl)
+            fitted = protocol.cut(sender, protocol.max_length(hl))
+            name = self._name_frames[sender] = protocol.encode(fitted, hl)
+        try:
+            return name + protocol.encode(text, hl)
+        except ValueError:  # only a notice can be this long (messages are checked)
+            return name + protocol.encode(protocol.cut(text, protocol.max_length(hl)), hl)
 
     def post(self, sender: Member, text: str, *, as_name: str | None = None) -> None:
         """Queue ``text`` from ``sender`` for every other member."""

@@ -401,7 +401,9 @@ class Server:
         self.stats.peak_users = max(self.stats.peak_users, len(room))
         self.users_changed()
         log.hot(conn.log, "join")
-        room.send_to(conn, NOTICE_SENDER, f"welcome, {name}; {online_line(room, conn)}")
+        welcome = f"welcome, {name}; "
+        limit = commands.list_bytes(cfg.header_length, len(welcome.encode()) + len("online: "))
+        room.send_to(conn, NOTICE_SENDER, welcome + online_line(room, conn, limit))
         room.notice(f"{name} joined", exclude=conn)
 
     def _handshake_expired(self, conn: Connection) -> None:

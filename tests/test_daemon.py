@@ -273,6 +273,29 @@ def test_other_header_length(start: Callable[..., Daemon]) -> None:
     alice.expect("bob", "short headers")
 
 
+def test_notices_are_cut_to_fit_a_short_header(start: Callable[..., Daemon]) -> None:
+    # With 3-byte headers a frame holds 999 bytes: the welcome and /who in a
+    # room of 40 long names, or a notice quoting a long message, must fit.
+    daemon = start({"header_length": 3, "max_message_bytes": 999})
+    members = [Client(daemon.port, header_length=3) for _ in range(40)]
+    for i, m in enumerate(members):
+        welcome = m.join(f"member-with-a-long-name-{i:02}")[0][1]
+        assert len(welcome.encode()) <= 999
+    assert welcome.endswith(" more")
+    last = members[-1]
+    last.send("/who")
+    who = last.recv_text(NOTICE)
+    assert who.startswith("online (40): member-with-a-long-name-00, ")
+    assert who.endswith(" more") and len(who.encode()) <= 999
+    last.send("/msg " + "x" * 990 + " hi")
+    refused = last.recv_text(NOTICE)
+    assert refused.startswith("message not sent: nobody called 'xxx")
+    assert len(refused.encode()) <= 999
+    last.send("still here")
+    assert members[0].recv_text(last.name) == "still here"
+    assert not daemon.find("internal_error")
+
+
 def test_the_tutorial_client_chats_through_chatd(daemon: Daemon) -> None:
     script = Path(__file__).with_name("tutorial_client.py")
 

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chatd import protocol
 from chatd.protocol import (
     BadEncoding,
     BadHeader,
@@ -168,3 +169,11 @@ def test_garbage_raises_only_protocol_errors(garbage: bytes, hl: int, limit: int
                 assert len(frame.encode()) <= limit
     except ProtocolError:
         pass
+
+
+def test_cut_keeps_whole_characters() -> None:
+    cut = protocol.cut
+    assert cut("héllo", 10) == "héllo"
+    assert cut("héllo", 2) == "h"  # not half of the é
+    assert cut("ééé", 4) == "éé"
+    assert cut("abc", 0) == ""
