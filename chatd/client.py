@@ -184,22 +184,31 @@ def split_line(line: str, limit: int) -> list[str]:
         elif command == "/msg" and len(words) == 3:
             prefix, text = f"/msg {words[1]} ", words[2]
         else:
-            return [line]  # no command is this long: let the daemon answer
+            # No command is this long: the daemon answers its first part as it
+            # would the whole (a longer frame would be a protocol error).
+            data = line.encode()
+            return [data[: char_end(data, limit)].decode()]
     room = limit - len(prefix.encode()) - 1  # 1: a piece may need a second slash
     if room < 4:
         return [line]
     pieces = []
     data = text.encode()
     while data:
-        end = min(room, len(data))
-        while end < len(data) and data[end] & 0xC0 == 0x80:
-            end -= 1  # never cut a character in two
+        end = char_end(data, room)
         piece = data[:end].decode()
         data = data[end:]
         if not prefix and piece.startswith("/"):
             piece = "/" + piece
         pieces.append(prefix + piece)
     return pieces
+
+
+def char_end(data: bytes, end: int) -> int:
+    """Where to cut UTF-8 ``data`` at ``end`` bytes at most, never in a character."""
+    end = min(end, len(data))
+    while end < len(data) and data[end] & 0xC0 == 0x80:
+        end -= 1
+    return end
 
 
 def is_quit(line: str) -> bool:

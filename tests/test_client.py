@@ -72,7 +72,8 @@ def test_own_lines(line: str, kind: str, text: str, to: str) -> None:
 
 def test_short_lines_are_sent_whole() -> None:
     assert split_line("x" * 100, 100) == ["x" * 100]
-    assert split_line("/frob " + "x" * 200, 100) == ["/frob " + "x" * 200]
+    assert split_line("/frob " + "x" * 200, 100) == ["/frob " + "x" * 94]  # cut, not split
+    assert split_line("/who " + "é" * 100, 100) == ["/who " + "é" * 47]
 
 
 def test_long_lines_are_split_keeping_their_meaning() -> None:
@@ -274,6 +275,18 @@ def test_long_lines_arrive_in_pieces(daemon: Daemon) -> None:
     second = alice.recv_text("ci")
     assert first + second == "é" * 3000
     assert len(first.encode()) <= 4096
+
+
+@pytest.mark.parametrize("line", ["/" + "x" * 5000, "/who " + "é" * 3000, "/msg " + "n" * 5000])
+def test_long_command_lines_are_not_a_protocol_error(daemon: Daemon, line: str) -> None:
+    # No command is this long, but the line must still fit a message: the
+    # daemon answers it as it would a shorter one, and the client stays.
+    alice = daemon.client("alice")
+    done = run_chat(daemon.port, "-u", "ci", "127.0.0.1", stdin=line + "\nafter\n")
+    assert "protocol error" not in done.stdout
+    assert done.returncode == 0, done.stderr
+    alice.expect(NOTICE, "ci joined")
+    assert alice.recv_text("ci") == "after"
 
 
 def test_invalid_utf8_line_is_skipped(daemon: Daemon) -> None:
