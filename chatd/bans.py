@@ -26,6 +26,8 @@ UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(?:\d+[smhdw])+")
 _PART = re.compile(r"(\d+)([smhdw])")
 MAX_DURATION = 100 * 365 * 86400
+MAX_TIME = 2**37  # seconds since the epoch: the year 6325, within what gmtime() shows
+_FIELDS = ("kind", "target", "reason", "created", "expires", "by")
 
 
 class StateError(Exception):
@@ -194,6 +196,8 @@ class Bans:
             raise ValueError("expected a list of bans")
         for i, item in enumerate(items):
             try:
+                if not isinstance(item, dict) or set(item) != set(_FIELDS):
+                    raise ValueError(f"expected an object with the fields {', '.join(_FIELDS)}")
                 ban = Ban(**item)
                 _check_ban(ban)
             except (TypeError, ValueError) as e:
@@ -257,5 +261,7 @@ def _check_ban(ban: Ban) -> None:
     if not isinstance(ban.reason, str) or not isinstance(ban.by, int):
         raise ValueError("bad reason or uid")
     for t in (ban.created, ban.expires):
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float)):
-            raise ValueError("bad time")
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < MAX_TIME
+        ):
+            raise ValueError("bad time")  # NaN too; a time past MAX_TIME has no date to show

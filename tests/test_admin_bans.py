@@ -210,3 +210,38 @@ def test_a_corrupt_state_file_stops_the_start(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.startswith(f"chatd: error: cannot read {state}: not a chatd state file")
     assert not (tmp_path / "admin.sock").exists()
+
+
+@pytest.mark.parametrize(
+    "ban",
+    [
+        '{"kind": "name", "target": "eve"}',  # fields missing
+        "1",  # not an object
+        '{"kind": "name", "target": "eve", "reason": "", "created": 0, "expires": null,'
+        ' "by": 0, "until": 5}',  # a field too many
+    ],
+)
+def test_a_hand_edited_ban_is_named_in_plain_words(tmp_path: Path, ban: str) -> None:
+    state = tmp_path / "state.json"
+    state.write_text(f'{{"version": 1, "bans": [{ban}]}}')
+    r = run_chatd_with(
+        tmp_path, {"control": {"socket": str(tmp_path / "admin.sock")}, "state_file": str(state)}
+    )
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (
+        f"chatd: error: cannot read {state}: ban 0: expected an object with the fields "
+        "kind, target, reason, created, expires, by\n"
+    )
+
+
+def test_a_ban_time_past_any_calendar_is_refused(tmp_path: Path) -> None:
+    # 1e300 seconds has no date: listing the bans would fail on it.
+    state = tmp_path / "state.json"
+    state.write_text(
+        '{"version": 1, "bans": [{"kind": "name", "target": "eve", "reason": "",'
+        ' "created": 0, "expires": 1e300, "by": 0}]}'
+    )
+    r = run_chatd_with(
+        tmp_path, {"control": {"socket": str(tmp_path / "admin.sock")}, "state_file": str(state)}
+    )
+    assert (r.returncode, r.stderr) == (1, f"chatd: error: cannot read {state}: ban 0: bad time\n")
