@@ -45,6 +45,7 @@ LINGER = 2.0  # seconds a closing connection gets to take its last notice
 BACKLOG = 4096
 NOTICE_INTERVAL = 0.025  # seconds: notices alone are broadcast at most this often
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one each
+BAN_TIMER_MAX = 86400.0  # seconds a ban's expiry timer waits at most (select() takes < 24.8 days)
 
 
 class StartupError(Exception):
@@ -761,11 +762,19 @@ class Server:
         return bool(gone)
 
     def expire_ban_at(self, ban: Ban) -> None:
-        """Lift ``ban`` from the state file and the log when it expires."""
-        if ban.expires is not None:
-            self.call_at(time.monotonic() + ban.expires - time.time() + 0.01, self._expire_bans)
+        """Lift ``ban`` from the state file and the log when it expires.
 
-    def _expire_bans(self, _: Any) -> None:
+        The timer waits a day at most, then is set again: select() cannot wait
+        more than about 24.8 days (2**31 ms), and a ban may last 100 years.
+        """
+        if ban.expires is not None:
+            wait = min(ban.expires - time.time() + 0.01, BAN_TIMER_MAX)
+            self.call_at(time.monotonic() + wait, self._expire_bans, ban)
+
+    def _expire_bans(self, ban: Ban) -> None:
+        if not ban.expired(time.time()):
+            self.expire_ban_at(ban)  # a long ban, a day nearer its end
+            return
         if self._prune_bans():
             try:
                 self.bans.save(self.config.state_file)

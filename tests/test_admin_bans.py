@@ -183,6 +183,26 @@ def test_bans_survive_a_restart(start: Callable[..., Daemon], tmp_path: Path) ->
     assert refused(second, "eve") == [(NOTICE, "name rejected: 'eve' is banned: spam")]
 
 
+def test_a_ban_for_months_survives_a_restart_and_the_daemon_too(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # A ban's expiry timer used to be the loop's only timer: select() was asked
+    # to wait 90 days, more than epoll can (about 24.8 days), and chatd died of
+    # "OverflowError: timeout is too large" just after its start.
+    state = tmp_path / "lib" / "state.json"
+    first = start({"state_file": str(state)})
+    assert first.ctl("ban", "eve", "--for", "90d").returncode == 0
+    assert first.stop() == 0
+
+    second = start({"state_file": str(state)})
+    assert second.wait_for("startup")["bans"] == 1
+    time.sleep(0.5)  # the loop's first select()
+    assert second.proc.poll() is None, second.stderr
+    assert [b["target"] for b in second.result("bans")["bans"]] == ["eve"]
+    assert refused(second, "eve")[0][1].startswith("name rejected: 'eve' is banned until ")
+    assert not second.find("internal_error")
+
+
 def test_a_ban_that_cannot_be_saved_is_not_applied(
     start: Callable[..., Daemon], tmp_path: Path
 ) -> None:
