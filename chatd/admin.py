@@ -488,6 +488,23 @@ class ControlServer:
         self._missing_group = name if name and gid is None else ""
         self.admin_gid = gid
         self.admin_uids = member_uids(members)
+        if self.sock is not None:  # a reload: the socket file takes the new group
+            self._regroup()
+
+    def _regroup(self) -> None:
+        gid = os.getegid() if self.admin_gid is None else self.admin_gid
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) != self._ident or st.st_gid == gid:
+                return
+            os.chown(self.path, -1, gid, follow_symlinks=False)
+        except OSError as e:
+            self.server.log.warning(
+                "control_group_not_set",
+                path=self.path,
+                group=self.server.config.control.admin_group,
+                error=e.strerror,
+            )
 
     def close(self) -> None:
         for conn in list(self.conns):

@@ -468,6 +468,29 @@ def test_members_listed_in_the_admin_group_are_allowed(
 
 
 @root_only
+def test_a_reload_gives_the_socket_its_new_admin_group(
+    start: Callable[..., Daemon], public_dir: Path
+) -> None:
+    # admin_group is applied by a reload: its members must get through the
+    # socket's mode (0660) too, not only the daemon's own check.
+    path = str(public_dir / "admin.sock")
+    d = start({"control": {"socket": path, "admin_group": ""}})
+    assert os.stat(path).st_gid == os.getegid()
+    nogroup = 65534
+    rc, _ = as_user(lambda: ctl.main(["--socket", path, "list"]), gid=nogroup)
+    assert rc == 3
+    rewrite_config(d, control={"socket": path, "admin_group": "nogroup"})
+    r = d.ctl("reload")
+    assert (r.returncode, r.stdout) == (0, "reloaded\napplied: control.admin_group\n"), r.stderr
+    assert os.stat(path).st_gid == nogroup
+    rc, out = as_user(lambda: ctl.main(["--socket", path, "list"]), gid=nogroup)
+    assert (rc, out) == (0, "no users online\n")
+    rewrite_config(d, control={"socket": path, "admin_group": ""})  # and back
+    assert d.ctl("reload").returncode == 0
+    assert os.stat(path).st_gid == os.getegid()
+
+
+@root_only
 def test_the_socket_mode_keeps_others_out(start: Callable[..., Daemon], public_dir: Path) -> None:
     path = str(public_dir / "admin.sock")
     start({"control": {"socket": path, "admin_group": ""}})
