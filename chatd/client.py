@@ -71,6 +71,15 @@ exit status: 0 done, 1 the daemon did not confirm it took every message,
 """
 
 _LEFT = re.compile(r" (left|was kicked|was banned)( \(.*\))?\Z")
+# The notices the daemon closes a joined connection with (what it sends after
+# is lost): such a close does not confirm a pipe's messages.
+_CLOSE_NOTICES = (
+    "protocol error: ",
+    "disconnected",
+    "the server is shutting down",
+    "you were kicked",
+    "you were banned",
+)
 
 
 # What arrives, and how it is shown.
@@ -265,6 +274,7 @@ class Chat:
         self.joined = asyncio.Event()
         self.writer: asyncio.StreamWriter | None = None
         self.closing = False
+        self.confirming = False  # closing, and the daemon's close must confirm
         self.was_joined = False  # joined once: a reconnect is under way
         self.last_failure: Ended | None = None
         self.attempt = 0  # failed attempts since the last welcome, for the backoff
@@ -280,8 +290,10 @@ class Chat:
                 await self._session()
             except Ended as e:
                 end = e
-            if self.closing or end.status == OK:
+            if end.status == OK or (self.closing and not self.confirming):
                 return Ended(OK)
+            if self.closing:
+                return end
             self.last_failure = end
             if not (self.reconnect and end.retry):
                 return end
@@ -296,6 +308,10 @@ class Chat:
         try:
             writer.write(protocol.encode(self.name, self.hl))
             await self._read(reader)
+        except Ended as e:
+            if e.status != OK:  # known to finish() at once, while the close is awaited
+                self.last_failure = e
+            raise
         finally:
             self.writer = None
             was = self.joined.is_set()
@@ -389,10 +405,10 @@ class Chat:
 
     def _ended(self, notice: str, when: float) -> Ended:
         """Why the daemon closed the connection, from the notice it sent last."""
-        if self.closing:
-            return Ended(OK)
         recent = time.monotonic() - when < REASON_WINDOW
         reason = notice if notice and recent and not is_room_event(notice) else ""
+        if self.closing and not (self.confirming and reason.startswith(_CLOSE_NOTICES)):
+            return Ended(OK)
         if not self.joined.is_set():
             if reason.startswith("name rejected"):
                 # A name still held by our own lost connection frees up shortly.
@@ -437,6 +453,7 @@ class Chat:
         With ``confirm``, not getting that confirmation is a failure.
         """
         self.closing = True
+        self.confirming = confirm
         writer = self.writer
         if writer is None or not self.joined.is_set():
             runner.cancel()

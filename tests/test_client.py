@@ -289,6 +289,21 @@ def test_long_command_lines_are_not_a_protocol_error(daemon: Daemon, line: str) 
     assert alice.recv_text("ci") == "after"
 
 
+def test_pipe_disconnected_before_confirming(start: Callable[..., Daemon]) -> None:
+    # The daemon closes on a message over its limit: it did not take the lines
+    # after it, and the client must not exit 0 as if it had.
+    daemon = start({"max_message_bytes": 100})
+    alice = daemon.client("alice")
+    done = run_chat(daemon.port, "-u", "ci", "127.0.0.1", stdin="x" * 200 + "\nafter\n")
+    assert done.returncode == client.DISCONNECTED, done.stderr
+    assert done.stderr == (
+        "chat: disconnected by the server: protocol error: "
+        "frame of 200 bytes is over the limit of 100\n"
+    )
+    alice.expect(NOTICE, "ci joined")
+    alice.expect(NOTICE, "ci left (protocol error)")
+
+
 def test_invalid_utf8_line_is_skipped(daemon: Daemon) -> None:
     alice = daemon.client("alice")
     done = subprocess.run(
