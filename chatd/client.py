@@ -759,6 +759,8 @@ async def interactive_mode(chat: Chat, ui: TerminalUI) -> Ended:
         asking = asyncio.ensure_future(session.prompt_async())
         await asyncio.wait({asking, runner}, return_when=asyncio.FIRST_COMPLETED)
         if runner.done():
+            if session.default_buffer.text:
+                session.app.erase_when_done = False  # what was typed stays, to copy
             asking.cancel()
             with contextlib.suppress(asyncio.CancelledError, EOFError, Interrupted):
                 await asking

@@ -630,6 +630,23 @@ def test_interactive_quit_with_words_after_it(
     alice.expect_nothing()
 
 
+def test_typed_text_stays_on_screen_when_the_daemon_leaves(
+    daemon: Daemon, ttys: list[pexpect.spawn]
+) -> None:
+    bob = spawn_tty(daemon.port, "bob")
+    ttys.append(bob)
+    bob.send("unsent_words")
+    bob.expect("unsent_words")
+    daemon.stop()
+    bob.expect("the server is shutting down")
+    bob.expect("chat: disconnected by the server")
+    # Not erased with the prompt: the words are drawn again, to copy them.
+    assert "unsent_words" in bob.before
+    bob.expect(pexpect.EOF)
+    bob.close()
+    assert bob.exitstatus == client.DISCONNECTED
+
+
 def sgr_colors(text: str) -> set[str]:
     """The color parameters of the SGR sequences in ``text``."""
     colors = set()
