@@ -48,6 +48,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
@@ -80,7 +81,7 @@ install:
 	test -x $(INSTALL_PYTHON) || { echo "make install: no $(INSTALL_PYTHON); set INSTALL_PYTHON" >&2; exit 1; }
 	rm -rf '$(DESTDIR)$(PKGDIR)'
 	install -d '$(DESTDIR)$(PKGDIR)/chatd'
-	install -m 0644 chatd/*.py '$(DESTDIR)$(PKGDIR)/chatd/'
+	cd chatd && find . -name '*.py' -exec install -D -m 0644 '{}' '$(DESTDIR)$(PKGDIR)/chatd/{}' ';'
 ifeq ($(INSTALL_DEPS),yes)
 	rm -rf build/install-venv
 	mkdir -p build

@@ -1,5 +1,7 @@
+"""`python -m chatd`: the daemon, as the `chatd` command."""
+
 import sys
 
-from chatd.cli import main
+from chatd.server.main import main
 
 sys.exit(main())

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from helpers import NOTICE, ROOT, Admin, Client, Daemon, chatctl, run_chatd_with
 
-from chatd import admin, ctl
+from chatd.ctl import main as ctl
+from chatd.server import control as admin
 
 NOBODY = 65534
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")

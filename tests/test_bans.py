@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from chatd import admin
-from chatd.bans import Ban, Bans, StateError, format_duration, parse_duration, parse_network
+from chatd.core.addresses import parse_network
+from chatd.core.bans import Ban, Bans, StateError
+from chatd.server import state
+from chatd.wire import control
+from chatd.wire.control import format_duration, parse_duration
 
 T0 = 1_800_000_000.0
 
@@ -91,17 +94,17 @@ def test_state_file_round_trip_is_atomic(tmp_path: Path) -> None:
     bans = Bans()
     bans.add(ban("name", "eve", expires=T0 + 3600))
     bans.add(ban("address", "10.0.0.0/8"))
-    bans.save(str(path))  # creates the directory
+    state.save(str(path), bans)  # creates the directory
     assert sorted(os.listdir(path.parent)) == ["state.json"]  # no temporary file left
     doc = json.loads(path.read_text())
     assert doc["version"] == 1 and len(doc["bans"]) == 2
-    again = Bans.load(str(path), now=T0)
+    again = state.load(str(path), now=T0)
     assert again.active(T0) == bans.active(T0)
-    assert len(Bans.load(str(path), now=T0 + 3600)) == 1  # expired while down: gone
+    assert len(state.load(str(path), now=T0 + 3600)) == 1  # expired while down: gone
 
 
 def test_a_missing_state_file_is_no_bans(tmp_path: Path) -> None:
-    assert len(Bans.load(str(tmp_path / "none.json"))) == 0
+    assert len(state.load(str(tmp_path / "none.json"))) == 0
 
 
 @pytest.mark.parametrize(
@@ -122,13 +125,13 @@ def test_a_corrupt_state_file_is_an_error(tmp_path: Path, content: str, error: s
     path = tmp_path / "state.json"
     path.write_text(content)
     with pytest.raises(StateError, match=f"cannot read {path}: .*{error[:20]}"):
-        Bans.load(str(path))
+        state.load(str(path))
 
 
 def test_save_failure_is_a_state_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(StateError, match=r"cannot write .*/file/state\.json: .*/file is not a dir"):
-        Bans().save(str(tmp_path / "file" / "state.json"))
+        state.save(str(tmp_path / "file" / "state.json"), Bans())
 
 
 @pytest.mark.parametrize(
@@ -141,13 +144,14 @@ def test_save_failure_is_a_state_error(tmp_path: Path) -> None:
     ],
 )
 def test_parse_accepts_good_requests(line: bytes, cmd: str, args: dict[str, str] | None) -> None:
-    got_cmd, got_args = admin.parse(line)
+    request = control.parse(line)
+    got_cmd, got_args = request.cmd, request.args
     assert got_cmd == cmd
     assert got_args == (args if args is not None else json.loads(line)["args"])
 
 
 def test_parse_rejects_booleans_as_strings() -> None:
-    with pytest.raises(admin.RequestError) as e:
-        admin.parse(b'{"cmd": "unban", "args": {"target": false}}')
+    with pytest.raises(control.RequestError) as e:
+        control.parse(b'{"cmd": "unban", "args": {"target": false}}')
     assert str(e.value) == "unban: argument 'target' must be a string"
     assert e.value.code == "bad_request"

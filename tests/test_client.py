@@ -19,10 +19,11 @@ import pexpect
 import pytest
 from helpers import NOTICE, Daemon
 
-from chatd import client
-from chatd.client import classify, plain, split_line
+from chatd.client import render, session
+from chatd.client.render import classify, plain
+from chatd.client.session import split_line
 
-CHAT = [sys.executable, "-c", "import sys; from chatd.client import main; sys.exit(main())"]
+CHAT = [sys.executable, "-c", "import sys; from chatd.client.main import main; sys.exit(main())"]
 WHEN = datetime(2026, 1, 2, 3, 4, 5)
 LINE = re.compile(r"\d\d:\d\d:\d\d ")
 
@@ -47,7 +48,7 @@ def test_classify_and_plain(sender: str, kind: str, name: str, line: str) -> Non
 
 
 def test_json_line() -> None:
-    doc = json.loads(client.as_json(classify("alice (private)", "ünï", WHEN)))
+    doc = json.loads(render.as_json(classify("alice (private)", "ünï", WHEN)))
     assert doc["type"] == "private"
     assert doc["from"] == "alice"
     assert doc["text"] == "ünï"
@@ -66,7 +67,7 @@ def test_json_line() -> None:
     ],
 )
 def test_own_lines(line: str, kind: str, text: str, to: str) -> None:
-    event = client.own_event("alice", line)
+    event = render.own_event("alice", line)
     assert (event.kind, event.text, event.to, event.own) == (kind, text, to, True)
 
 
@@ -92,13 +93,13 @@ def test_long_lines_are_split_keeping_their_meaning() -> None:
 
 
 def test_room_events_are_not_reasons() -> None:
-    assert client.is_room_event("bob joined")
-    assert client.is_room_event("bob left (slow consumer)")
-    assert client.is_room_event("welcome, bob; nobody else is online")
-    assert client.is_room_event("bob was kicked (spam)")
-    assert client.is_room_event("bob was banned")
-    assert not client.is_room_event("the server is shutting down")
-    assert not client.is_room_event("you were kicked: spam")
+    assert session.ending("bob joined") is None
+    assert session.ending("bob left (slow consumer)") is None
+    assert session.ending("welcome, bob; nobody else is online") is None
+    assert session.ending("bob was kicked (spam)") is None
+    assert session.ending("bob was banned") is None
+    assert session.ending("the server is shutting down") is not None
+    assert session.ending("you were kicked by an admin: spam") is not None
 
 
 # Pipe mode.
@@ -295,7 +296,7 @@ def test_pipe_disconnected_before_confirming(start: Callable[..., Daemon]) -> No
     daemon = start({"max_message_bytes": 100})
     alice = daemon.client("alice")
     done = run_chat(daemon.port, "-u", "ci", "127.0.0.1", stdin="x" * 200 + "\nafter\n")
-    assert done.returncode == client.DISCONNECTED, done.stderr
+    assert done.returncode == session.DISCONNECTED, done.stderr
     assert done.stderr == (
         "chat: disconnected by the server: protocol error: "
         "frame of 200 bytes is over the limit of 100\n"
@@ -331,14 +332,14 @@ def free_port() -> int:
 def test_connection_refused() -> None:
     port = free_port()
     done = run_chat(port, "-u", "ci", "127.0.0.1")
-    assert done.returncode == client.REFUSED == 4
+    assert done.returncode == session.REFUSED == 4
     assert done.stderr == f"chat: cannot connect to 127.0.0.1 port {port}: connection refused\n"
     assert done.stdout == ""
 
 
 def test_invalid_host_name() -> None:
     done = run_chat(1234, "-u", "ci", "no..such")
-    assert done.returncode == client.UNKNOWN_HOST == 3
+    assert done.returncode == session.UNKNOWN_HOST == 3
     assert done.stderr == "chat: unknown host 'no..such': not a valid host name\n"
 
 
@@ -358,7 +359,7 @@ def test_unknown_host() -> None:
         text=True,
         timeout=30,
     )
-    assert done.returncode == client.UNKNOWN_HOST
+    assert done.returncode == session.UNKNOWN_HOST
     assert done.stderr.startswith("chat: unknown host 'nosuch.invalid': "), done.stderr
     assert len(done.stderr.splitlines()) == 1
 
@@ -374,7 +375,7 @@ def test_unknown_host() -> None:
 def test_name_rejected(daemon: Daemon, name: str, reason: str) -> None:
     alice = daemon.client("alice")
     done = run_chat(daemon.port, "-u", name, "127.0.0.1", stdin="never sent\n")
-    assert done.returncode == client.NAME_REJECTED == 5
+    assert done.returncode == session.NAME_REJECTED == 5
     assert done.stderr == f"chat: {reason}\n"
     alice.expect_nothing()
     assert not daemon.find("message")
@@ -385,7 +386,7 @@ def test_server_full(start: Callable[..., Daemon]) -> None:
     alice = daemon.client("alice")
     done = run_chat(daemon.port, "-u", "ci", "127.0.0.1")
     alice.expect_nothing()
-    assert done.returncode == client.DISCONNECTED == 7
+    assert done.returncode == session.DISCONNECTED == 7
     assert done.stderr == "chat: refused by the server: the server is full, try again later\n"
 
 
@@ -395,7 +396,7 @@ def test_disconnected_by_the_server(daemon: Daemon, procs: list[subprocess.Popen
     welcomed(ci)
     assert daemon.stop() == 0
     ci.wait(20)  # stdin is still open: the server's close alone ends it
-    assert ci.returncode == client.DISCONNECTED
+    assert ci.returncode == session.DISCONNECTED
     assert ci.stderr and ci.stderr.read() == (
         "chat: disconnected by the server: the server is shutting down\n"
     )
@@ -410,7 +411,7 @@ def test_kicked(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
     done = daemon.ctl("kick", "ci", "--reason", "spam")
     assert done.returncode == 0, done.stderr
     ci.wait(20)  # stdin is still open, and --reconnect does not bring it back
-    assert ci.returncode == client.KICKED == 6
+    assert ci.returncode == session.KICKED == 6
     assert ci.stderr and ci.stderr.read() == "chat: you were kicked by an admin: spam\n"
     alice.expect(NOTICE, "ci was kicked (spam)")
 
@@ -422,10 +423,10 @@ def test_banned(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
     done = daemon.ctl("ban", "ci", "--reason", "spam")
     assert done.returncode == 0, done.stderr
     ci.wait(20)
-    assert ci.returncode == client.KICKED
+    assert ci.returncode == session.KICKED
     assert ci.stderr and ci.stderr.read() == "chat: you were banned by an admin: spam\n"
     again = run_chat(daemon.port, "--reconnect", "-u", "ci", "127.0.0.1")
-    assert again.returncode == client.NAME_REJECTED
+    assert again.returncode == session.NAME_REJECTED
     assert again.stderr == "chat: name rejected: 'ci' is banned: spam\n"
 
 
@@ -435,7 +436,7 @@ def test_connection_lost(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> 
     welcomed(ci)
     daemon.proc.kill()
     ci.wait(20)
-    assert ci.returncode == client.LOST == 8
+    assert ci.returncode == session.LOST == 8
     assert ci.stderr and ci.stderr.read() == (
         f"chat: connection to 127.0.0.1 port {daemon.port} lost\n"
     )
@@ -447,7 +448,7 @@ def test_ctrl_c_in_pipe_mode(daemon: Daemon, procs: list[subprocess.Popen[str]])
     daemon.wait_for("join", user="ci")
     ci.send_signal(signal.SIGINT)
     ci.wait(20)
-    assert ci.returncode == client.INTERRUPTED
+    assert ci.returncode == session.INTERRUPTED
     assert ci.stderr and ci.stderr.read() == ""
 
 
@@ -499,7 +500,7 @@ def test_no_reconnect_after_a_rejected_name(
     ci = daemon.client("ci")
     done = run_chat(daemon.port, "--reconnect", "-u", "ci", "127.0.0.1")
     ci.expect_nothing()
-    assert done.returncode == client.NAME_REJECTED
+    assert done.returncode == session.NAME_REJECTED
     assert "reconnecting" not in done.stderr
 
 
@@ -644,7 +645,7 @@ def test_typed_text_stays_on_screen_when_the_daemon_leaves(
     assert "unsent_words" in bob.before
     bob.expect(pexpect.EOF)
     bob.close()
-    assert bob.exitstatus == client.DISCONNECTED
+    assert bob.exitstatus == session.DISCONNECTED
 
 
 def sgr_colors(text: str) -> set[str]:
@@ -695,7 +696,7 @@ def test_ctrl_c_in_interactive_mode(daemon: Daemon, ttys: list[pexpect.spawn]) -
     bob.sendintr()
     bob.expect(pexpect.EOF)
     bob.close()
-    assert bob.exitstatus == client.INTERRUPTED
+    assert bob.exitstatus == session.INTERRUPTED
     assert "Traceback" not in (bob.before or "")
     daemon.wait_for("leave", user="bob")
 
@@ -726,4 +727,4 @@ def test_interactive_connection_lost(daemon: Daemon, ttys: list[pexpect.spawn]) 
     bob.expect(f"chat: connection to 127.0.0.1 port {daemon.port} lost")
     bob.expect(pexpect.EOF)
     bob.close()
-    assert bob.exitstatus == client.LOST
+    assert bob.exitstatus == session.LOST

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from helpers import NOTICE, Client, Daemon
 
-from chatd import commands
-from chatd.commands import Act, Private, Quit, Reply, Say, Who
+from chatd.core import commands
+from chatd.wire import chat, notices
+from chatd.wire.chat import Act, Private, Quit, Reply, Say, Who
 
 # Parsing.
 
@@ -37,15 +38,15 @@ from chatd.commands import Act, Private, Quit, Reply, Say, Who
         ("/msg bob", Reply(("usage: /msg NAME TEXT",))),
         ("/msg bob   ", Reply(("usage: /msg NAME TEXT",))),
         ("/msg", Reply(("usage: /msg NAME TEXT",))),
-        ("/help", Reply(commands.HELP)),
+        ("/help", Reply(tuple(line() for line in notices.HELP))),
         ("/", Reply(("a / alone is not a command; /help lists the commands",))),
         ("/ who", Reply(("a / alone is not a command; /help lists the commands",))),
         ("/frob x", Reply(("unknown command /frob; /help lists the commands",))),
         ("/" + "x" * 40, Reply((f"unknown command /{'x' * 32}...; /help lists the commands",))),
     ],
 )
-def test_parse(text: str, action: commands.Action) -> None:
-    assert commands.parse(text) == action
+def test_parse(text: str, action: chat.Command) -> None:
+    assert chat.parse(text) == action
 
 
 def test_who_line_lists_everyone_when_it_fits() -> None:
@@ -65,10 +66,10 @@ def test_who_line_is_bounded() -> None:
 
 
 def test_special_senders_cannot_be_user_names() -> None:
-    from chatd.room import name_problem
+    from chatd.core.names import name_problem
 
-    assert name_problem(commands.private_sender("alice"), 32)
-    assert name_problem(commands.action_sender("alice"), 32)
+    assert name_problem(chat.private_sender("alice"), 32)
+    assert name_problem(chat.action_sender("alice"), 32)
 
 
 # On the daemon.
@@ -149,8 +150,8 @@ def test_usage_errors_answer_the_sender(daemon: Daemon) -> None:
 def test_help_lists_the_commands(daemon: Daemon) -> None:
     alice = daemon.client("alice")
     alice.send("/help")
-    for line in commands.HELP:
-        alice.expect(NOTICE, line)
+    for line in notices.HELP:
+        alice.expect(NOTICE, line())
 
 
 def test_quit_leaves(daemon: Daemon) -> None:

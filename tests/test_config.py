@@ -10,8 +10,8 @@ import pytest
 import yaml
 from helpers import ROOT
 
-from chatd import config
-from chatd.config import Address, ConfigError
+from chatd.server import config
+from chatd.server.config import Address, ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from helpers import NOTICE, ROOT, TIMEOUT, Client
 
-from chatd.daemon import PidFile
+from chatd.server.daemon import PidFile
 
 
 def run_chatd(*args: str) -> subprocess.CompletedProcess[str]:

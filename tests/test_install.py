@@ -37,7 +37,10 @@ def files(root: Path) -> set[str]:
 
 
 def expected_files(prefix: str) -> set[str]:
-    modules = {f"{prefix}/lib/chatd/chatd/{p.name}" for p in (ROOT / "chatd").glob("*.py")}
+    modules = {
+        f"{prefix}/lib/chatd/chatd/{p.relative_to(ROOT / 'chatd')}"
+        for p in (ROOT / "chatd").rglob("*.py")
+    }
     commands = {f"{prefix}/bin/{name}" for name in ("chatd", "chatctl", "chat") if has_script(name)}
     pages = {
         f"{prefix}/share/man/man{p.suffix[1:]}/{p.name}" for p in (ROOT / "man").glob("*.[1-8]")

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from helpers import Daemon
 
-from chatd import log
-from chatd.config import LogConfig
+from chatd.server import log
+from chatd.server.config import LogConfig
 
 
 @pytest.fixture
@@ -33,10 +33,9 @@ def _untimed(line: str) -> str:
 
 
 def test_hot_writes_the_line_structlog_writes(stream: io.StringIO) -> None:
-    logger = log.get(peer="[::1]:5000", user="Zoë")
-    fields = {"bytes": 14, "text": 'say "hi" ✓ \\ \t'}
-    logger.info("message", **fields)
-    log.hot(logger, "message", **fields)
+    fields = {"peer": "[::1]:5000", "user": "Zoë", "bytes": 14, "text": 'say "hi" ✓ \\ \t'}
+    log.get().info("message", **fields)
+    log.hot("message", **fields)
     slow, fast = _lines(stream)
     assert _untimed(fast) == _untimed(slow)
     keys = ["timestamp", "level", "event", "peer", "user", "bytes", "text"]
@@ -48,23 +47,21 @@ def test_hot_writes_the_line_structlog_writes(stream: io.StringIO) -> None:
     "fields",
     [
         {"n": -3, "f": 0.1, "t": True, "none": None, "list": [1, "é"], "s": "\x00\u2028"},
-        {"user": "bound field overridden in place", "extra": 1},
+        {"peer": "1.2.3.4:5", "user": "a", "extra": 1},
     ],
 )
 def test_hot_values_and_overrides_match_structlog(
     stream: io.StringIO, fields: dict[str, object]
 ) -> None:
-    logger = log.get(peer="1.2.3.4:5", user="a")
-    logger.info("e", **fields)
-    log.hot(logger, "e", **fields)
+    log.get().info("e", **fields)
+    log.hot("e", **fields)
     slow, fast = _lines(stream)
     assert _untimed(fast) == _untimed(slow)
 
 
 def test_hot_timestamps_are_iso_utc_and_current(stream: io.StringIO) -> None:
-    logger = log.get()
     for _ in range(3):
-        log.hot(logger, "tick")
+        log.hot("tick")
     now = datetime.datetime.now(datetime.UTC)
     for line in _lines(stream):
         stamp = json.loads(line)["timestamp"]
@@ -76,7 +73,7 @@ def test_hot_timestamps_are_iso_utc_and_current(stream: io.StringIO) -> None:
 def test_hot_falls_back_to_structlog_for_the_console_format() -> None:
     out = io.StringIO()
     log.configure(LogConfig(format="console", level="info", messages=True), stream=out)
-    log.hot(log.get(user="alice"), "message", bytes=2, text="hi")
+    log.hot("message", user="alice", bytes=2, text="hi")
     line = out.getvalue()
     assert "message" in line and "user=alice" in line and not line.startswith("{")
 
@@ -85,7 +82,7 @@ def test_deferred_lines_wait_for_flush_and_keep_their_order(stream: io.StringIO)
     logger = log.get(user="a")
     log.defer(True)
     logger.info("one")
-    log.hot(logger, "two", bytes=1)
+    log.hot("two", bytes=1)
     logger.warning("three")
     assert stream.getvalue() == ""
     log.flush()
@@ -110,7 +107,7 @@ def test_reconfiguring_writes_kept_lines_to_the_old_stream_first(stream: io.Stri
 def test_hot_writes_nothing_above_info() -> None:
     out = io.StringIO()
     log.configure(LogConfig(format="json", level="warning", messages=True), stream=out)
-    log.hot(log.get(user="a"), "join")
+    log.hot("join", user="a")
     log.get().warning("shown")
     assert [json.loads(x)["event"] for x in out.getvalue().splitlines()] == ["shown"]
 

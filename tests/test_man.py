@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from helpers import ROOT
 
-from chatd import config
+from chatd.server import config
 
 MAN = ROOT / "man"
 PAGES = sorted(MAN.glob("*.[0-9]"))

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatd import protocol
-from chatd.protocol import (
+from chatd.wire import framing as protocol
+from chatd.wire.framing import (
     BadEncoding,
     BadHeader,
     FrameDecoder,

@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatd.protocol import FrameDecoder
-from chatd.room import NOTICE_SENDER, Room, name_problem, text_problem
+from chatd.core.names import name_problem, text_problem
+from chatd.core.room import Room
+from chatd.wire.chat import NOTICE_SENDER
+from chatd.wire.framing import FrameDecoder
 
 
 class Member:
@@ -296,8 +298,6 @@ def _online_line_by_walking(room: Room, me: object, max_bytes: int) -> str:
 def test_online_line_matches_walking_the_room(
     ops: list[tuple[bool, int]], budgets: list[int], who: int
 ) -> None:
-    from chatd.server import online_line
-
     room = Room()
     people = [Member(f"{'é' * (i % 3)}m{i}") for i in range(31)]
     for join, i in ops:
@@ -307,5 +307,5 @@ def test_online_line_matches_walking_the_room(
             room.leave(list(room)[i % len(room)])
         for budget in budgets:  # asked after every change, so the cache is exercised
             me = people[who] if who < len(people) else Member("outsider")
-            got = online_line(room, me, budget)  # type: ignore[arg-type]
+            got = room.online_line(me, budget)
             assert got == _online_line_by_walking(room, me, budget)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from helpers import NOTICE, ROOT, Client, Daemon
 
-from chatd import systemd
+from chatd.server import systemd
 
 
 class NotifySocket:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import ROOT
 
-from chatd.config import Config
+from chatd.server.config import Config
 
 UNITS = ROOT / "systemd"
 MAX_EXPOSURE = 2.0

@@ -28,10 +28,12 @@ from typing import Any
 
 import daemon  # type: ignore[import-untyped]
 
-from chatd import systemd
-from chatd.admin import probe_control_socket
-from chatd.config import Config, ConfigError
-from chatd.server import Server, StartupError, bind_all
+from chatd.server import systemd
+from chatd.server.config import Config, ConfigError
+from chatd.server.control import probe_control_socket
+from chatd.server.errors import StartupError
+from chatd.server.listeners import bind_all
+from chatd.server.server import Server
 
 DEFAULT_PIDFILE = "/run/chatd.pid"
 READY_TIMEOUT = 60.0  # seconds the parent waits for the daemon to report
@@ -269,5 +271,5 @@ def _serve(
         ready.ok()
         return server.run()
     finally:
-        server.close()
+        server.close_all()
         server.notifier.close()

@@ -1,4 +1,4 @@
-"""The wire protocol, without I/O.
+"""Framing: the length-prefixed frames of the classic chatroom protocol, without I/O.
 
 A frame is a header of exactly ``header_length`` bytes holding the payload
 length in ASCII decimal, then that many bytes of UTF-8.  The classic tutorial

@@ -1,4 +1,5 @@
-"""The `chatd` command."""
+"""`main` of the `chatd` command: options, the config, then the server in the foreground
+or as a daemon."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 import sys
 from typing import Any
 
-from chatd import __version__, config, systemd
-from chatd.server import Server, StartupError
+from chatd import __version__
+from chatd.server import config, systemd
+from chatd.server.errors import StartupError
+from chatd.server.server import Server
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatd: {path or 'built-in defaults'}: configuration is valid")
         return 0
     if args.daemon:
-        from chatd import daemon  # python-daemon is needed only here
+        from chatd.server import daemon  # python-daemon is needed only here
 
         path = os.path.abspath(path) if path else None  # the daemon runs in /
         return daemon.run(
@@ -105,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         server.open(sockets)
     except StartupError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
-        server.close()
+        server.close_all()
         return 1
     try:
         return server.run()
     finally:
-        server.close()
+        server.close_all()
         server.notifier.close()

@@ -23,11 +23,16 @@ from typing import Any, NoReturn
 
 import yaml
 
-from chatd import __version__, config
-from chatd.bans import format_duration, parse_duration
-
-DEFAULT_SOCKET = "/run/chatd/admin.sock"
-DEFAULT_GROUP = "chatd-admin"
+from chatd import __version__
+from chatd.server.config import DEFAULT_PATH, ConfigError
+from chatd.wire.control import (
+    DEFAULT_GROUP,
+    DEFAULT_SOCKET,
+    PERMISSION_DENIED,
+    format_duration,
+    parse_duration,
+)
+from chatd.wire.errors import os_reason
 
 OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
@@ -65,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
         "-s",
         "--socket",
         metavar="PATH",
-        help=f"control socket (default: control.socket in {config.DEFAULT_PATH} "
+        help=f"control socket (default: control.socket in {DEFAULT_PATH} "
         f"when readable, else {DEFAULT_SOCKET})",
     )
     where.add_argument(
@@ -154,7 +159,7 @@ def socket_from_config(path: str, explicit: bool) -> tuple[str | None, str]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         if explicit:
             why = e.strerror.lower() if isinstance(e, OSError) and e.strerror else "invalid YAML"
-            raise config.ConfigError(path, "", why) from None
+            raise ConfigError(path, "", why) from None
         return None, DEFAULT_GROUP
     control = raw.get("control") if isinstance(raw, dict) else None
     if not isinstance(control, dict):
@@ -170,10 +175,10 @@ def control_socket(args: argparse.Namespace) -> tuple[str, str | None]:
     """(socket path, admin group) for these arguments; the group is None when unknown."""
     if args.socket:
         return args.socket, None
-    path = args.config or str(config.DEFAULT_PATH)
+    path = args.config or str(DEFAULT_PATH)
     sock, group = socket_from_config(path, explicit=bool(args.config))
     if sock == "":
-        where = args.config or config.DEFAULT_PATH
+        where = args.config or DEFAULT_PATH
         raise Unreachable(f"the control socket is turned off in {where} (control.socket is empty)")
     return sock or DEFAULT_SOCKET, group
 
@@ -218,9 +223,7 @@ def request(path: str, group: str | None, cmd: str, args: dict[str, Any], timeou
         except TimeoutError:
             raise Unreachable(f"chatd does not answer on {path} (busy?)") from None
         except OSError as e:
-            raise Unreachable(
-                f"cannot connect to {path}: {(e.strerror or str(e)).lower()}"
-            ) from None
+            raise Unreachable(f"cannot connect to {path}: {os_reason(e)}") from None
         try:
             sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
             line = _read_line(sock)
@@ -237,7 +240,7 @@ def request(path: str, group: str | None, cmd: str, args: dict[str, Any], timeou
         raise Unreachable(f"not a chatd control socket: {path} answered {line[:80]!r}") from None
     if ok is True:
         return reply.get("result")
-    if reply.get("code") == "permission_denied":
+    if reply.get("code") == PERMISSION_DENIED:
         # The daemon knows its admin group: "permission denied: run as root or join group G".
         hint = str(reply.get("error", "")).removeprefix("permission denied: ")
         raise Unreachable(f"permission denied on {path}: {hint}")
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, group = control_socket(args)
         result = request(path, group, args.command, arguments(args), args.timeout)
-    except config.ConfigError as e:
+    except ConfigError as e:
         print(f"chatctl: error: {e}", file=sys.stderr)
         return USAGE
     except Unreachable as e:
@@ -433,7 +436,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(SHOW[args.command](result))
     return OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from chatd.protocol import max_length
+from chatd.core.addresses import IPNetwork, parse_network
+from chatd.wire.framing import max_length
 
 DEFAULT_PATH = Path("/etc/chatd/chatd.yaml")
 
@@ -99,14 +100,12 @@ def networks(value: Any) -> tuple[Network, ...]:
         raise ValueError(f"expected a list of IP addresses or networks, {_got(value)}")
     parsed = []
     for i, item in enumerate(value):
-        try:
-            if not isinstance(item, str):
-                raise ValueError
-            parsed.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
+        net = parse_network(item) if isinstance(item, str) else None
+        if net is None:
             raise ValueError(
                 f"[{i}]: expected an IP address or network such as 10.0.0.0/8, {_got(item)}"
-            ) from None
+            )
+        parsed.append(net)
     return tuple(parsed)
 
 
@@ -183,7 +182,7 @@ def addresses(value: Any) -> tuple[Address, ...]:
     return tuple(parsed)
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Network = IPNetwork
 
 
 @dataclass(frozen=True)

@@ -1,31 +1,29 @@
-"""Membership and fan-out, without I/O.
+"""The room: who is in it, and fan-out of what is posted, without I/O.
 
 The room knows its members by name and queues what each must receive.
 Everything posted during one pass of the event loop is collected, and
 `flush()` hands each member all of it in one piece, in the order it was
 posted: members who sent none of it share one bytes object; only a sender
 gets its own copy, without its messages.
+
+Fan-out never changes who is in the room: a member whose delivery fails is
+left in place for the rest of the pass (the server drops it afterwards), and a
+bug in one member's ``deliver()`` is recorded in ``failures`` and costs that
+member alone.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-import re
-import unicodedata
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterable, Iterator
+from typing import Generic, Protocol, TypeVar
 
-from chatd import protocol
+from chatd.core.names import and_more, names_line
+from chatd.wire import framing
+from chatd.wire.chat import NOTICE_SENDER, WHO_MAX_BYTES
 
 NAME_FRAMES_KEPT = 20000  # encoded sender names cached, at most (cleared when full)
-
-NOTICE_SENDER = "chatd"
-"""Sender name of server notices.  No user can take it."""
-
-# Unicode categories a name may not contain: whitespace and separators, and
-# every "other" (control, format such as bidi overrides, unassigned...).
-_BANNED_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn"})
 
 
 class Member(Protocol):
@@ -36,38 +34,10 @@ class Member(Protocol):
     def deliver(self, data: bytes) -> None: ...
 
 
-def name_problem(name: str, max_bytes: int) -> str | None:
-    """Why ``name`` can't be a user name, or None if it can (uniqueness aside)."""
-    if not name:
-        return "the name is empty"
-    size = len(name.encode())
-    if size > max_bytes:
-        return f"the name is {size} bytes long, the limit is {max_bytes}"
-    for ch in name:
-        if ch.isspace() or unicodedata.category(ch) in _BANNED_CATEGORIES:
-            return f"the name contains {unicodedata.name(ch, 'a control character').lower()}"
-    if name.casefold() == NOTICE_SENDER:
-        return f"the name {name!r} is reserved"
-    return None
+M = TypeVar("M", bound=Member)
 
 
-def text_problem(text: str) -> str | None:
-    """Why ``text`` can't be relayed as a message, or None if it can.
-
-    Control characters are refused: a newline would let a sender forge a line
-    that looks like another user's in a simple client, and escape sequences
-    would drive the readers' terminals.  A tab is fine.
-    """
-    if _CONTROL.search(text):
-        return "messages may not contain control characters such as newlines or escapes"
-    return None
-
-
-# Unicode category Cc is exactly these 65 code points (C0, DEL and C1); tab is allowed.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-
-class Room:
+class Room(Generic[M]):
     __slots__ = (
         "_batch",
         "_broadcasts",
@@ -78,14 +48,15 @@ class Room:
         "_name_frames",
         "_posts",
         "deliveries",
+        "failures",
         "header_length",
     )
 
-    def __init__(self, header_length: int = protocol.DEFAULT_HEADER_LENGTH) -> None:
+    def __init__(self, header_length: int = framing.DEFAULT_HEADER_LENGTH) -> None:
         self.header_length = header_length
-        self._members: dict[str, Member] = {}  # casefolded name -> member, in join order
+        self._members: dict[str, M] = {}  # casefolded name -> member, in join order
         # Frames posted this pass: (data, excluded sender or None, sole recipient or None).
-        self._batch: list[tuple[bytes, Member | None, Member | None]] = []
+        self._batch: list[tuple[bytes, M | None, M | None]] = []
         # Members who joined this pass -> the batch index they joined at: what
         # was posted before that is not for them.  flush_direct() also records
         # here how far it served a member.
@@ -96,6 +67,9 @@ class Room:
         self._posts = 0  # members' messages in the batch (post()), as opposed to notices
         self._name_frames: dict[str, bytes] = {}  # sender name -> its encoded frame
         self.deliveries = 0  # frame pairs handed to members, for the stats
+        # Members whose deliver() raised during a flush, with the exception: a bug,
+        # which the server logs and answers by dropping the member.
+        self.failures: list[tuple[M, Exception]] = []
 
     @property
     def pending(self) -> bool:
@@ -110,22 +84,21 @@ class Room:
     def __len__(self) -> int:
         return len(self._members)
 
-    def __iter__(self) -> Iterator[Member]:
+    def __iter__(self) -> Iterator[M]:
         return iter(self._members.values())
 
     def __contains__(self, member: object) -> bool:
         name = getattr(member, "name", None)
         return isinstance(name, str) and self._members.get(name.casefold()) is member
 
-    def get(self, name: str) -> Member | None:
+    def get(self, name: str) -> M | None:
         return self._members.get(name.casefold())
 
     def names(self) -> list[str]:
         return [m.name for m in self._members.values()]
 
     def first_names(self, max_bytes: int) -> tuple[str, set[int], int, int | None]:
-        """The first members' names in join order, comma-separated, while each
-        name plus 2 bytes keeps the running total within ``max_bytes``.
+        """The first members' names in join order, as `names_line()` lists them.
 
         Returns (text, ids of the members named, how many, id of the first
         member that did not fit or None).  Kept between calls: a join only
@@ -135,24 +108,32 @@ class Room:
         cached = self._first
         if cached is not None and cached[0] == max_bytes:
             return cached[1:]
-        shown: list[str] = []
-        ids: set[int] = set()
-        size = 0
-        stop: int | None = None
-        for m in self._members.values():
-            size += len(m.name.encode()) + 2
-            if size > max_bytes:
-                stop = id(m)
-                break
-            shown.append(m.name)
-            ids.add(id(m))
-        self._first = (max_bytes, ", ".join(shown), ids, len(shown), stop)
+        text, count = names_line((m.name for m in self._members.values()), max_bytes)
+        shown = itertools.islice(self._members.values(), count + 1)
+        ids = {id(m) for m in itertools.islice(shown, count)}
+        stop = next(shown, None)
+        self._first = (max_bytes, text, ids, count, None if stop is None else id(stop))
         return self._first[1:]
+
+    def online_line(self, me: M, max_bytes: int = WHO_MAX_BYTES) -> str:
+        """Who else is online, for a welcome: names up to about ``max_bytes``, then a count.
+
+        In the usual case, a newcomer in a full room, the cached list of the first
+        names is the answer: a join costs the same in a room of 10,000 as in one of
+        100, and no welcome is larger than /who.
+        """
+        others = len(self) - (me in self)
+        if not others:
+            return "nobody else is online"
+        text, ids, count, stop = self.first_names(max_bytes)
+        if id(me) in ids or id(me) == stop:
+            text, count = names_line((m.name for m in self if m is not me), max_bytes)
+        return "online: " + and_more(text, count, others)
 
     def name_taken(self, name: str) -> bool:
         return name.casefold() in self._members
 
-    def join(self, member: Member) -> None:
+    def join(self, member: M) -> None:
         key = member.name.casefold()
         if key in self._members:
             raise ValueError(f"the name {member.name!r} is taken")
@@ -164,7 +145,7 @@ class Room:
             # here instead would cost a send per member per join.
             self._fresh[id(member)] = len(self._batch)
 
-    def leave(self, member: Member) -> bool:
+    def leave(self, member: M) -> bool:
         """Remove ``member``; True if it was here.  Queued frames for it are dropped."""
         key = member.name.casefold()
         if self._members.get(key) is not member:
@@ -181,25 +162,25 @@ class Room:
         if name is None:
             if len(self._name_frames) >= NAME_FRAMES_KEPT:
                 self._name_frames.clear()
-            fitted = protocol.cut(sender, protocol.max_length(hl))
-            name = self._name_frames[sender] = protocol.encode(fitted, hl)
+            fitted = framing.cut(sender, framing.max_length(hl))
+            name = self._name_frames[sender] = framing.encode(fitted, hl)
         try:
-            return name + protocol.encode(text, hl)
+            return name + framing.encode(text, hl)
         except ValueError:  # only a notice can be this long (messages are checked)
-            return name + protocol.encode(protocol.cut(text, protocol.max_length(hl)), hl)
+            return name + framing.encode(framing.cut(text, framing.max_length(hl)), hl)
 
-    def post(self, sender: Member, text: str, *, as_name: str | None = None) -> None:
+    def post(self, sender: M, text: str, *, as_name: str | None = None) -> None:
         """Queue ``text`` from ``sender`` for every other member."""
         self._batch.append((self.frame(as_name or sender.name, text), sender, None))
         self._posts += 1
         self._broadcasts += 1
 
-    def notice(self, text: str, *, exclude: Member | None = None) -> None:
+    def notice(self, text: str, *, exclude: M | None = None) -> None:
         """Queue a server notice for every member (but ``exclude``)."""
         self._batch.append((self.frame(NOTICE_SENDER, text), exclude, None))
         self._broadcasts += 1
 
-    def send_to(self, member: Member, sender: str, text: str) -> None:
+    def send_to(self, member: M, sender: str, text: str) -> None:
         """Queue a frame pair for one member, in order with the broadcasts."""
         self._batch.append((self.frame(sender, text), None, member))
 
@@ -213,18 +194,20 @@ class Room:
         fresh = self._fresh
         if fresh:
             self._fresh = {}
-        members = list(self._members.values())
         if len(batch) == 1 and not fresh:
             data, exclude, only = batch[0]
             if only is not None:
                 if only in self:
                     self.deliveries += 1
-                    only.deliver(data)
+                    self._deliver(only, data)
                 return
-            for m in members:
+            self.deliveries += len(self._members) - (exclude in self)
+            for m in self._members.values():
                 if m is not exclude:
-                    m.deliver(data)
-            self.deliveries += len(members) - (exclude in self)
+                    try:
+                        m.deliver(data)
+                    except Exception as e:
+                        self.failures.append((m, e))
             return
         # Members named in the batch (senders, private recipients) and those who
         # joined during it need their own selection; everyone else gets the
@@ -244,31 +227,42 @@ class Room:
         special.update(fresh)
         shared = b"".join(broadcasts)
         tails: dict[int, bytes] = {}  # first broadcast -> the join from it on
+        members: Iterable[M] = self._members.values()
         if fresh:
             # Newcomers first: their welcome should not wait for the whole room.
             # They joined last, so they are the last len(fresh) members.
-            members = members[-len(fresh) :] + members[: -len(fresh)]
+            everyone = list(members)
+            members = everyone[-len(fresh) :] + everyone[: -len(fresh)]
         for m in members:
-            start = special.get(id(m))
-            if start is None:
-                if shared:
-                    self.deliveries += len(broadcasts)
-                    m.deliver(shared)
-            elif named.get(id(m), -1) < start:
-                # Nothing from ``start`` on names it (a newcomer served by
-                # flush_direct): it gets every broadcast from there, shared.
-                k = bisect.bisect_left(at, start)
-                if k < len(at):
-                    tail = tails.get(k)
-                    if tail is None:
-                        tail = tails[k] = b"".join(broadcasts[k:])
-                    self.deliveries += len(at) - k
-                    m.deliver(tail)
-            else:
-                mine = list(_select(batch, m, start))
-                if mine:
-                    self.deliveries += len(mine)
-                    m.deliver(b"".join(mine))
+            try:
+                start = special.get(id(m))
+                if start is None:
+                    if shared:
+                        self.deliveries += len(broadcasts)
+                        m.deliver(shared)
+                elif named.get(id(m), -1) < start:
+                    # Nothing from ``start`` on names it (a newcomer served by
+                    # flush_direct): it gets every broadcast from there, shared.
+                    k = bisect.bisect_left(at, start)
+                    if k < len(at):
+                        tail = tails.get(k)
+                        if tail is None:
+                            tail = tails[k] = b"".join(broadcasts[k:])
+                        self.deliveries += len(at) - k
+                        m.deliver(tail)
+                else:
+                    mine = list(_select(batch, m, start))
+                    if mine:
+                        self.deliveries += len(mine)
+                        m.deliver(b"".join(mine))
+            except Exception as e:
+                self.failures.append((m, e))
+
+    def _deliver(self, m: M, data: bytes) -> None:
+        try:
+            m.deliver(data)
+        except Exception as e:
+            self.failures.append((m, e))
 
     def flush_direct(self) -> None:
         """Deliver now only what needs no broadcast: each member's private frames
@@ -283,7 +277,7 @@ class Room:
             self.flush()  # nothing but private frames: all of it can go
             return
         fresh = self._fresh
-        plan: list[tuple[Member, int, list[bytes]]] = []
+        plan: list[tuple[M, int, list[bytes]]] = []
         seen: set[int] = set()
         # Private frames before _direct_from were dealt with by an earlier call:
         # either sent, or stuck behind a broadcast until the next flush().
@@ -308,15 +302,12 @@ class Room:
             if mine:
                 plan.append((only, end, mine))
         for m, end, mine in plan:
-            if m in self:
-                fresh[id(m)] = end  # before deliver(), which may make it leave
-                self.deliveries += len(mine)
-                m.deliver(b"".join(mine))
+            fresh[id(m)] = end
+            self.deliveries += len(mine)
+            self._deliver(m, b"".join(mine))
 
 
-def _select(
-    batch: list[tuple[bytes, Member | None, Member | None]], m: Member, start: int
-) -> Iterator[bytes]:
+def _select(batch: list[tuple[bytes, M | None, M | None]], m: M, start: int) -> Iterator[bytes]:
     for data, exclude, only in itertools.islice(batch, start, None):
         if (only is None and exclude is not m) or only is m:
             yield data

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from chatd.config import ConfigError, LogConfig
+from chatd.server.config import ConfigError, LogConfig
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -94,20 +94,20 @@ def flush() -> None:
     _out.flush()
 
 
-def hot(logger: Any, event: str, **fields: Any) -> None:
-    """``logger.info(event, **fields)``, fast: for events logged per message.
+def hot(event: str, **fields: Any) -> None:
+    """``get().info(event, **fields)``, fast: for events logged per message.
 
     Nothing is written when the level is above info.  In JSON, the line is
-    the one structlog would write (timestamp, level, event, the logger's bound
-    fields, then ``fields``), built here in a third of the time.
+    the one structlog would write (timestamp, level, event, then ``fields`` in
+    their order), built here in a third of the time.
     """
     if not _hot_json:
-        logger.info(event, **fields)
+        structlog.get_logger("chatd").info(event, **fields)
         return
     if not _hot_info:
         return
     parts = ['{"timestamp": "', _timestamp(), '", "level": "info", "event": ', _esc(event)]
-    for key, value in {**logger._context, **fields}.items():
+    for key, value in fields.items():
         parts += (", ", _esc(key), ": ", _json_value(value))
     parts.append("}\n")
     _out.write("".join(parts))

@@ -1,0 +1,96 @@
+"""How what arrives is shown: a line for a pipe, a JSON object, styled text for a terminal.
+
+`classify()` reads a frame pair by the chat's conventions (chatd.wire.chat): a notice, a
+private message, an action or an ordinary message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from chatd.wire.chat import read_sender
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line for the screen.
+
+    ``kind`` is message, private, action or notice (from the daemon), or
+    command (one the user typed, shown back).  ``own`` lines are the user's.
+    """
+
+    kind: str
+    name: str
+    text: str
+    when: datetime
+    own: bool = False
+    to: str = ""
+
+
+def classify(sender: str, text: str, when: datetime | None = None) -> Event:
+    """Read a frame pair: a private message or an action has a space in its sender."""
+    kind, name = read_sender(sender)
+    return Event(kind, name, text, when or datetime.now())
+
+
+def own_event(me: str, line: str) -> Event:
+    """How a line the user sends is shown back to them."""
+    now = datetime.now()
+    if line.startswith("//"):
+        return Event("message", me, line[1:], now, own=True)
+    if line.startswith("/"):
+        words = line.split(maxsplit=2)
+        command = words[0].lower()
+        if command == "/me" and len(words) > 1:
+            return Event("action", me, line[3:].strip(), now, own=True)
+        if command == "/msg" and len(words) == 3 and words[2].strip():
+            return Event("private", me, words[2], now, own=True, to=words[1])
+        return Event("command", me, line, now, own=True)
+    return Event("message", me, line, now, own=True)
+
+
+def plain(event: Event) -> str:
+    """The line printed in pipe mode: "HH:MM:SS name: text"."""
+    t = event.when.strftime("%H:%M:%S")
+    if event.kind == "action":
+        return f"{t} * {event.name} {event.text}"
+    if event.kind == "private":
+        if event.own:
+            return f"{t} {event.name} -> {event.to} (private): {event.text}"
+        return f"{t} {event.name} (private): {event.text}"
+    if event.kind == "command":
+        return f"{t} {event.text}"
+    return f"{t} {event.name}: {event.text}"
+
+
+def as_json(event: Event) -> str:
+    doc: dict[str, Any] = {
+        "time": event.when.astimezone().isoformat(timespec="seconds"),
+        "type": event.kind,
+        "from": event.name,
+        "text": event.text,
+    }
+    return json.dumps(doc, ensure_ascii=False)
+
+
+def styled(event: Event) -> list[tuple[str, str]]:
+    """Fragments for prompt_toolkit: the text carries the distinction, color adds to it."""
+    t = ("class:time", event.when.strftime("%H:%M:%S") + " ")
+    me = " class:own" if event.own else ""
+    if event.kind == "notice":
+        return [t, ("class:notice", f"-- {event.text}")]
+    if event.kind == "action":
+        return [t, ("class:action" + me, f"* {event.name} {event.text}")]
+    if event.kind == "private":
+        who = f"{event.name} -> {event.to}" if event.own else event.name
+        return [
+            t,
+            ("class:private class:name" + me, f"{who} (private):"),
+            ("class:private" + me, f" {event.text}"),
+        ]
+    if event.kind == "command":
+        return [t, ("class:command", event.text)]
+    return [t, ("class:name" + me, f"{event.name}:"), ("class:text" + me, f" {event.text}")]

@@ -1,0 +1,293 @@
+"""The admin commands (list, kick, ban, unban, bans, say, stats, reload), without I/O.
+
+`handle()` answers one control request line with its reply object, never an
+exception: the request is checked by the control protocol (chatd.wire.control), then
+carried out against the small `Daemon` interface that the server implements.  Who may
+ask is the control socket's business; each command is given the asker's credentials
+for its log event.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from chatd.core.addresses import parse_network
+from chatd.core.bans import Ban, StateError
+from chatd.core.chat import Chat
+from chatd.core.names import name_problem, text_problem
+from chatd.wire import control
+from chatd.wire.control import BAD_REQUEST, FAILED, NOT_FOUND, RequestError, iso
+from chatd.wire.framing import max_length
+
+MAX_TEXT = 1024  # characters in a notice or reason
+NOTICE_ROOM = 200  # bytes a notice adds around a reason
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The peer of a control connection, as the kernel reports it."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class ReloadFailed(Exception):
+    """The config could not be reloaded; the old one stays.  str() says why."""
+
+
+class Daemon(Protocol):
+    """What the admin commands need of the server."""
+
+    chat: Chat
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Re-read the config: (keys applied, keys needing a restart).
+
+        Raises ReloadFailed, having logged it."""
+
+    def counters(self) -> dict[str, int]:
+        """connections (now), bytes_in and bytes_out (in all)."""
+
+
+Handler = Callable[[Daemon, Admin, dict[str, Any]], Any]
+HANDLERS: dict[str, Handler] = {}
+
+
+def command(cmd: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        assert cmd in control.COMMANDS, cmd
+        HANDLERS[cmd] = fn
+        return fn
+
+    return register
+
+
+def handle(daemon: Daemon, admin: Admin, line: bytes) -> dict[str, Any]:
+    """Answer one request line: the reply object, never an exception."""
+    reply: dict[str, Any]
+    try:
+        request = control.parse(line)
+        reply = {"ok": True, "result": HANDLERS[request.cmd](daemon, admin, request.args)}
+    except RequestError as e:
+        reply = control.error_reply(e.code, str(e))
+    except Exception:
+        structlog.get_logger("chatd").exception(
+            "control_internal_error", request=line[:200].decode(errors="replace")
+        )
+        reply = control.error_reply(control.INTERNAL, "internal error (see the chatd log)")
+    rid = control.request_id(line)
+    if rid is not None:
+        reply["id"] = rid
+    return reply
+
+
+def _log() -> Any:
+    return structlog.get_logger("chatd")
+
+
+def _message_text(daemon: Daemon, cmd: str, key: str, value: str, *, empty_ok: bool) -> str:
+    value = value.strip()
+    if not value and not empty_ok:
+        raise RequestError(BAD_REQUEST, f"{cmd}: {key} is empty")
+    if len(value) > MAX_TEXT:
+        raise RequestError(BAD_REQUEST, f"{cmd}: {key} is longer than {MAX_TEXT} characters")
+    # The notice carrying it (with up to NOTICE_ROOM bytes more) must fit a frame.
+    hl = daemon.chat.settings.header_length
+    if len(value.encode()) + NOTICE_ROOM > max_length(hl):
+        raise RequestError(BAD_REQUEST, f"{cmd}: {key} is too long for the {hl}-byte frame header")
+    problem = text_problem(value)
+    if problem:
+        raise RequestError(BAD_REQUEST, f"{cmd}: {key}: {problem}")
+    return value
+
+
+@command("list")
+def cmd_list(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    chat = daemon.chat
+    now = chat.host.now()
+    users = [
+        {
+            "name": m.name,
+            "peer": m.peer,
+            "since": iso(m.since),
+            "idle": round(now - m.last_active, 3),
+            "messages": m.messages,
+            "queued": m.queued,
+        }
+        for m in sorted(chat.room, key=lambda m: m.since)
+    ]
+    return {"users": users}
+
+
+@command("kick")
+def cmd_kick(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    reason = _message_text(daemon, "kick", "reason", args.get("reason", ""), empty_ok=True)
+    chat = daemon.chat
+    member = chat.room.get(args["name"])
+    if member is None:
+        raise RequestError(NOT_FOUND, f"no user named {args['name']!r} is online")
+    name = member.name
+    _log().info("kick", user=name, reason=reason, admin_uid=admin.uid, admin_pid=admin.pid)
+    chat.kick(member, reason, admin.uid)
+    return {"kicked": name, "reason": reason}
+
+
+@command("say")
+def cmd_say(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    text = _message_text(daemon, "say", "text", args["text"], empty_ok=False)
+    recipients = daemon.chat.say(text)
+    _log().info("say", text=text, admin_uid=admin.uid)
+    return {"recipients": recipients}
+
+
+@command("stats")
+def cmd_stats(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    chat = daemon.chat
+    st = chat.stats
+    counters = daemon.counters()
+    return {
+        "started": iso(st.started),
+        "uptime": round(chat.host.wall() - st.started, 3),
+        "users": len(chat.room),
+        "peak_users": st.peak_users,
+        "connections": counters["connections"],
+        "connections_total": st.connections,
+        "messages": st.messages,
+        "deliveries": chat.room.deliveries,
+        "bytes_in": counters["bytes_in"],
+        "bytes_out": counters["bytes_out"],
+        "rejected": dict(sorted(st.rejected.items())),
+        "evictions": st.evictions,
+        "flood_dropped": st.flood_dropped,
+        "kicks": st.kicks,
+        "bans": len(chat.bans.active(chat.host.wall())),
+    }
+
+
+@command("reload")
+def cmd_reload(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    _log().info("reload_requested", admin_uid=admin.uid)
+    try:
+        applied, restart = daemon.reload()
+    except ReloadFailed as e:  # logged by the daemon
+        raise RequestError(FAILED, f"reload failed, the old config stays: {e}") from None
+    return {"applied": applied, "needs_restart": restart}
+
+
+# Bans.
+
+
+def ban_json(ban: Ban, now: float) -> dict[str, Any]:
+    return {
+        "kind": ban.kind,
+        "target": ban.target,
+        "reason": ban.reason,
+        "created": iso(ban.created),
+        "expires": iso(ban.expires),
+        "remaining": None if ban.expires is None else round(max(0.0, ban.expires - now), 3),
+        "by": ban.by,
+    }
+
+
+# Dotted digits, or hex digits with a colon, perhaps with %scope and /prefix: meant as an address.
+_ADDRESS_LIKE = re.compile(r"(?:\d+(?:\.\d+)+|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*)(?:%\S*)?(?:/\S*)?")
+
+
+def _target(cmd: str, args: dict[str, Any], max_name_bytes: int) -> tuple[str, str]:
+    """The (kind, normalised target) a ban or unban names."""
+    target = args["target"].strip()
+    kind = args.get("kind") or ("address" if parse_network(target) is not None else "name")
+    if cmd == "ban" and kind == "name" and not args.get("kind") and _ADDRESS_LIKE.fullmatch(target):
+        raise RequestError(  # 10.0.0.0/33: a typo, not a name
+            BAD_REQUEST,
+            f"{cmd}: not an IP address or network (CIDR): {target!r} "
+            '(to ban a name that looks like one, give kind "name": chatctl ban --name)',
+        )
+    if kind == "address":
+        net = parse_network(target)
+        if net is None:
+            raise RequestError(
+                BAD_REQUEST, f"{cmd}: not an IP address or network (CIDR): {target!r}"
+            )
+        return kind, str(net)
+    if kind != "name":
+        raise RequestError(BAD_REQUEST, f"{cmd}: kind must be name or address, got {kind!r}")
+    problem = name_problem(target, max(max_name_bytes, 1024))
+    if problem:
+        raise RequestError(BAD_REQUEST, f"{cmd}: not a user name: {problem}")
+    return kind, target
+
+
+@command("ban")
+def cmd_ban(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    chat = daemon.chat
+    kind, target = _target("ban", args, chat.settings.max_name_bytes)
+    reason = _message_text(daemon, "ban", "reason", args.get("reason", ""), empty_ok=True)
+    seconds = None
+    if args.get("duration"):
+        try:
+            seconds = control.parse_duration(args["duration"])
+        except ValueError as e:
+            raise RequestError(BAD_REQUEST, f"ban: {e}") from None
+    now = chat.host.wall()
+    ban = Ban(kind, target, reason, now, None if seconds is None else now + seconds, admin.uid)
+    bans = chat.bans
+    old = bans.add(ban)
+    try:
+        chat.prune_bans()
+        chat.host.save_bans(bans)
+    except StateError as e:
+        bans.remove(kind, target)
+        if old is not None:
+            bans.add(old)
+        raise RequestError(FAILED, f"ban not applied: {e}") from None
+    chat.watch_expiry(ban)
+    _log().info(
+        "ban",
+        kind=kind,
+        target=target,
+        reason=reason,
+        expires=iso(ban.expires),
+        admin_uid=admin.uid,
+        admin_pid=admin.pid,
+    )
+    return {
+        "ban": ban_json(ban, now),
+        "replaced": old is not None,
+        "disconnected": chat.enforce(ban),
+    }
+
+
+@command("unban")
+def cmd_unban(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    chat = daemon.chat
+    kind, target = _target("unban", args, chat.settings.max_name_bytes)
+    bans = chat.bans
+    ban = bans.remove(kind, target)
+    if ban is None and "kind" not in args and kind == "address":
+        # A name can look like an address.
+        kind = "name"
+        ban = bans.remove(kind, args["target"].strip())
+    if ban is None or ban.expired(chat.host.wall()):
+        raise RequestError(NOT_FOUND, f"{args['target'].strip()!r} is not banned")
+    try:
+        chat.prune_bans()
+        chat.host.save_bans(bans)
+    except StateError as e:
+        bans.add(ban)
+        raise RequestError(FAILED, f"ban not lifted: {e}") from None
+    _log().info("unban", kind=ban.kind, target=ban.target, admin_uid=admin.uid)
+    return {"unbanned": ban_json(ban, chat.host.wall())}
+
+
+@command("bans")
+def cmd_bans(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    chat = daemon.chat
+    now = chat.host.wall()
+    return {"bans": [ban_json(b, now) for b in chat.bans.active(now)]}

@@ -1,0 +1,495 @@
+"""The rules a connection goes through, from its first byte to its last: admission, the
+name, messages and commands, flood control, idle users, bans, leaving.
+
+`Chat` decides; the server around it moves the bytes.  The server calls in when
+something arrives (`admit`, `name_received`, `message_received`, `drop`...), and the
+chat calls back out through the `Host` interface for everything that is not its own
+business: the time, timers, closing a connection, saving the bans.  A member is the
+server's connection object, seen through the `Member` protocol below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import structlog
+
+from chatd.core import commands
+from chatd.core.addresses import IPNetwork, in_networks
+from chatd.core.bans import Ban, Bans, StateError
+from chatd.core.names import list_bytes, name_problem, text_problem
+from chatd.core.room import Room
+from chatd.core.stats import Stats
+from chatd.wire import notices
+from chatd.wire.chat import NOTICE_SENDER
+from chatd.wire.tokenbucket import TokenBucket
+
+# A member's state (the chat's view; the transport keeps its own).
+HANDSHAKE = "handshake"  # connected, no name yet
+JOINED = "joined"  # a member of the room
+GONE = "gone"  # left or refused; the server is closing its connection
+
+NOTICE_INTERVAL = 0.025  # seconds: notices alone are broadcast at most this often
+BAN_CHECK_MAX = 86400.0  # seconds: a ban's expiry (wall-clock time) is looked at daily
+
+
+class Member(Protocol):
+    """What the chat needs of a connection; the server's connection class has it."""
+
+    name: str
+    state: str
+    peer: str  # "HOST:PORT", for logs and chatctl list
+    peer_host: str
+    since: float  # wall-clock time of the connect
+    accepted: float  # monotonic time of the connect
+    last_active: float  # monotonic time of the last read
+    messages: int  # messages relayed
+    bucket: TokenBucket | None  # flood control, None when it does not apply
+    dropped: int  # messages dropped in the current flood
+    warned_at: int  # ``messages`` when last told to slow down
+    queued: int  # bytes waiting to be sent to it
+
+    def deliver(self, data: bytes) -> None: ...
+
+
+class FloodSettings(Protocol):
+    @property
+    def rate(self) -> float: ...
+    @property
+    def burst(self) -> int: ...
+    @property
+    def max_dropped(self) -> int: ...
+    @property
+    def exempt(self) -> tuple[IPNetwork, ...]: ...
+
+
+class LogSettings(Protocol):
+    @property
+    def messages(self) -> bool: ...
+
+
+class Settings(Protocol):
+    """The settings the chat reads (the server's Config has them, and more)."""
+
+    @property
+    def header_length(self) -> int: ...
+    @property
+    def max_name_bytes(self) -> int: ...
+    @property
+    def max_clients(self) -> int: ...
+    @property
+    def max_per_address(self) -> int: ...
+    @property
+    def handshake_timeout(self) -> float: ...
+    @property
+    def idle_timeout(self) -> float: ...
+    @property
+    def flood(self) -> FloodSettings: ...
+    @property
+    def log(self) -> LogSettings: ...
+
+
+class Host(Protocol):
+    """What the chat needs of the server around it."""
+
+    def now(self) -> float:
+        """Monotonic seconds."""
+
+    def wall(self) -> float:
+        """Seconds since the epoch."""
+
+    def call_at(self, when: float, fn: Callable[[Any], None], arg: Any = None) -> None:
+        """Call ``fn(arg)`` at monotonic time ``when`` (or soon after)."""
+
+    def close(self, member: Member, last: bytes | None) -> None:
+        """End ``member``'s connection: at once, or once ``last`` (a notice) is sent."""
+
+    def members(self) -> Iterable[Member]:
+        """Every connection, whatever its state."""
+
+    def users_changed(self) -> None:
+        """The number of users changed (for the service manager's status line)."""
+
+    def save_bans(self, bans: Bans) -> None:
+        """Keep ``bans`` across restarts; raises StateError."""
+
+
+HotLog = Callable[..., None]
+
+
+def _structlog_hot(event: str, **fields: Any) -> None:
+    structlog.get_logger("chatd").info(event, **fields)
+
+
+class Chat:
+    def __init__(self, settings: Settings, host: Host, *, hot: HotLog = _structlog_hot) -> None:
+        self.settings = settings
+        self.host = host
+        self.hot = hot  # logs an event per message (the server's fast JSON writer)
+        self.log_messages = True  # whether message events are wanted at all (the level)
+        self.log: Any = structlog.get_logger("chatd")
+        self.room: Room[Member] = Room(settings.header_length)
+        self.bans = Bans()
+        self.stats = Stats()
+        self.stopping = False
+        self.places = 0  # connections holding a place (not refused, not gone)
+        self._per_address: dict[str, int] = {}  # peer address -> places it holds
+        self._notices_due = 0.0  # notices alone wait until then (see flush)
+        self.holding = False  # notices are queued, waiting for _notices_due
+        self._idle_sweep_id = 0  # the current idle sweep; older ones stop
+
+    def member_log(self, m: Member) -> Any:
+        """A logger bound to ``m``'s address and name (made when needed, not kept)."""
+        if m.name:
+            return self.log.bind(peer=m.peer, user=m.name)
+        return self.log.bind(peer=m.peer)
+
+    # Coming in.
+
+    def admit(self, m: Member) -> bool:
+        """A new connection: give it a place, or refuse it with the reason; True if admitted."""
+        cfg = self.settings
+        self.stats.connections += 1
+        self.places += 1
+        host = m.peer_host
+        same_host = self._per_address[host] = self._per_address.get(host, 0) + 1
+        if self.places > cfg.max_clients:
+            self.reject(m, "server full", notices.SERVER_FULL())
+            return False
+        if self.bans.has_address_bans:
+            ban = self.bans.match_address(host, self.host.wall())
+            if ban is not None:
+                self.reject(m, "banned", notices.ADDRESS_BANNED(terms=ban.terms()), ban=ban.target)
+                return False
+        if cfg.max_per_address and same_host > cfg.max_per_address:
+            self.reject(m, "too many from address", notices.TOO_MANY_FROM_ADDRESS(host=host))
+            return False
+        m.bucket = self._bucket(host)
+        self.host.call_at(m.accepted + cfg.handshake_timeout, self._handshake_expired, m)
+        return True
+
+    def name_received(self, m: Member, name: str) -> None:
+        cfg = self.settings
+        problem = name_problem(name, cfg.max_name_bytes)
+        if problem:
+            self.reject(m, "bad name", notices.NAME_INVALID(problem=problem), name=name)
+            return
+        if self.bans:
+            ban = self.bans.match_name(name, self.host.wall())
+            if ban is not None:
+                notice = notices.NAME_BANNED(name=name, terms=ban.terms())
+                self.reject(m, "banned", notice, name=name)
+                return
+        room = self.room
+        if room.name_taken(name):
+            self.reject(m, "name taken", notices.NAME_TAKEN(name=name), name=name)
+            return
+        m.name = name
+        m.state = JOINED
+        room.join(m)
+        self.stats.peak_users = max(self.stats.peak_users, len(room))
+        self.host.users_changed()
+        self.hot("join", peer=m.peer, user=name)
+        before = len(f"welcome, {name}; online: ".encode())
+        online = room.online_line(m, list_bytes(cfg.header_length, before))
+        room.send_to(m, NOTICE_SENDER, notices.WELCOME(name=name, online=online))
+        room.notice(notices.JOINED(name=name), exclude=m)
+
+    def bad_name_frame(self, m: Member, problem: str) -> None:
+        """The name frame broke the framing (too long, not UTF-8): refuse the name."""
+        self.reject(m, "bad name", notices.NAME_INVALID(problem=problem))
+
+    def _handshake_expired(self, m: Member) -> None:
+        if m.state is not HANDSHAKE:
+            return
+        timeout = self.settings.handshake_timeout
+        due = m.accepted + timeout
+        if due > self.host.now():  # a reload raised the timeout since this timer was set
+            self.host.call_at(due, self._handshake_expired, m)
+            return
+        self.reject(m, "handshake timeout", notices.HANDSHAKE_TIMEOUT(seconds=f"{timeout:g}"))
+
+    # Messages.
+
+    def message_received(self, m: Member, text: str) -> None:
+        bucket = m.bucket
+        if bucket is not None:
+            now = m.last_active  # the time of this read
+            if m.dropped and bucket.full(now):
+                self._flood_over(m)
+            if not bucket.take(now):
+                self._flooding(m)
+                return
+        if not text:
+            return
+        problem = text_problem(text)
+        if problem:
+            self.member_log(m).info("message_refused", reason=problem)
+            self.room.send_to(m, NOTICE_SENDER, notices.NOT_SENT(problem=problem))
+            return
+        if text[0] == "/":
+            commands.run(self, m, text)
+            return
+        self.room.post(m, text)
+        self.accepted(m, text)
+
+    def accepted(self, m: Member, text: str, **fields: Any) -> None:
+        """Count and log a message that was relayed (``fields``: kind, to)."""
+        m.messages += 1
+        self.stats.messages += 1
+        if self.log_messages:
+            size = len(text.encode())
+            if self.settings.log.messages:
+                self.hot("message", peer=m.peer, user=m.name, bytes=size, text=text, **fields)
+            else:
+                self.hot("message", peer=m.peer, user=m.name, bytes=size, **fields)
+
+    def flush(self) -> None:
+        """Hand out what this pass posted; hold back notices that come too often.
+
+        Join and leave notices go out at once, unless the last broadcast was less
+        than NOTICE_INTERVAL ago: then they wait for it (a join storm costs one send
+        per member per interval, not per pass) while each newcomer's welcome goes
+        at once.  Members' messages never wait.
+        """
+        room = self.room
+        if not room.pending:
+            return
+        now = self.host.now()
+        if room.notices_only and not self.stopping and now < self._notices_due:
+            room.flush_direct()
+            self.holding = room.pending
+            return
+        room.flush()
+        self.holding = False
+        # From the end of this flush, which to a large room takes a while.
+        self._notices_due = self.host.now() + NOTICE_INTERVAL
+
+    def next_flush(self) -> float | None:
+        """When flush() has something to do: 0 for now, a monotonic time, or None."""
+        room = self.room
+        if not room.pending:
+            return None
+        return self._notices_due if self.holding and room.notices_only else 0.0
+
+    # Flood control.
+
+    def _bucket(self, host: str) -> TokenBucket | None:
+        flood = self.settings.flood
+        if flood.rate <= 0 or in_networks(host, flood.exempt):
+            return None
+        return TokenBucket(flood.rate, flood.burst, self.host.now())
+
+    def _flooding(self, m: Member) -> None:
+        """``m`` sent a message with no token left: drop it, with a logged reason."""
+        m.dropped += 1
+        self.stats.flood_dropped += 1
+        flood = self.settings.flood
+        if flood.max_dropped and m.dropped >= flood.max_dropped:
+            self.drop(m, "flooding", notice=notices.FLOODING(count=m.dropped))
+            return
+        if m.warned_at != m.messages:
+            # Told once per run of dropped messages, so a flood cannot make the
+            # daemon write as much as it reads.
+            m.warned_at = m.messages
+            self.member_log(m).warning(
+                "flood", dropped=m.dropped, rate=flood.rate, burst=flood.burst
+            )
+            notice = notices.SLOW_DOWN(rate=f"{flood.rate:g}", burst=flood.burst)
+            self.room.send_to(m, NOTICE_SENDER, notice)
+
+    def _flood_over(self, m: Member) -> None:
+        """The bucket filled up again: the flood is over."""
+        self.member_log(m).info("flood_end", dropped=m.dropped)
+        m.dropped = 0
+        m.warned_at = -1
+
+    # Idle users.
+
+    def start_idle_sweep(self) -> None:
+        """(Re)start the periodic sweep for idle users; stops any earlier one."""
+        self._idle_sweep_id += 1
+        if self.settings.idle_timeout:
+            self._next_idle_sweep(self._idle_sweep_id)
+
+    def _next_idle_sweep(self, sweep_id: int) -> None:
+        # One timer for everyone, every tenth of the timeout (at most 30 s): a
+        # user is disconnected between 1 and 1.1 timeouts after its last word.
+        every = min(max(self.settings.idle_timeout / 10, 0.05), 30.0)
+        self.host.call_at(self.host.now() + every, self._idle_sweep, sweep_id)
+
+    def _idle_sweep(self, sweep_id: int) -> None:
+        if sweep_id != self._idle_sweep_id:
+            return
+        timeout = self.settings.idle_timeout
+        now = self.host.now()
+        idle = [m for m in self.room if now - m.last_active > timeout]
+        for m in idle:
+            self.drop(m, "idle", notice=notices.IDLE(seconds=f"{timeout:g}"))
+        self._next_idle_sweep(sweep_id)
+
+    # Going out.
+
+    def reject(self, m: Member, reason: str, notice: str, **fields: Any) -> None:
+        """Refuse a connection before it joined: tell it why, then close."""
+        self.stats.reject(reason)
+        self.member_log(m).info("rejected", reason=reason, **fields)
+        self._gone(m, notice)
+
+    def protocol_error(self, m: Member, error: str) -> None:
+        self.drop(m, "protocol error", notice=notices.PROTOCOL_ERROR(error=error), error=error)
+
+    def slow_consumer(self, m: Member, queued: int) -> None:
+        self.stats.evictions += 1
+        self.drop(m, "slow consumer", queued=queued)
+
+    def drop(
+        self,
+        m: Member,
+        reason: str,
+        *,
+        notice: str | None = None,
+        announce: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """Take ``m`` out of the room for ``reason``, log it, and have it closed.
+
+        With ``notice``, the connection is told why and closed once that is sent.
+        The room is told "NAME left (REASON)", or ``announce`` instead.
+        """
+        if m.state is GONE:
+            return
+        if m.state is JOINED:
+            self.room.leave(m)
+            self.host.users_changed()
+            if m.dropped:
+                fields["flood_dropped"] = m.dropped
+            level = "warning" if reason in ("slow consumer", "internal error") else "info"
+            getattr(self.member_log(m), level)("leave", reason=reason, **fields)
+            if not self.stopping:
+                self.room.notice(announce or notices.LEFT(name=m.name, reason=reason))
+        else:
+            self.member_log(m).debug("disconnect", reason=reason, **fields)
+        self._gone(m, notice)
+
+    def _gone(self, m: Member, notice: str | None) -> None:
+        m.state = GONE
+        self.places -= 1
+        host = m.peer_host
+        left = self._per_address[host] - 1
+        if left:
+            self._per_address[host] = left
+        else:
+            del self._per_address[host]
+        self.host.close(m, None if notice is None else self.room.frame(NOTICE_SENDER, notice))
+
+    def stop(self) -> None:
+        """Shutting down: what this pass accepted goes out first, then everyone is told."""
+        self.stopping = True
+        # Once everyone has left the room, nobody would be there to receive it.
+        self.flush()
+        for m in list(self.host.members()):
+            self.drop(m, "shutdown", notice=notices.SHUTDOWN())
+
+    # Settings.
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Switch to new settings (a reload); members' buckets and timers follow."""
+        old = self.settings
+        self.settings = settings
+        flood = settings.flood
+        for m in self.host.members():
+            if m.state is GONE:
+                continue
+            limited = flood.rate > 0 and not in_networks(m.peer_host, flood.exempt)
+            if not limited:
+                m.bucket = None
+            elif m.bucket is None:
+                m.bucket = TokenBucket(flood.rate, flood.burst, self.host.now())
+            else:
+                m.bucket.rate = flood.rate
+                m.bucket.burst = float(flood.burst)
+            if m.state is HANDSHAKE and settings.handshake_timeout < old.handshake_timeout:
+                # Its timer is set for the old, later time.
+                due = m.accepted + settings.handshake_timeout
+                self.host.call_at(due, self._handshake_expired, m)
+        if settings.idle_timeout != old.idle_timeout:
+            self.start_idle_sweep()
+
+    # Admin actions (core/admin.py turns requests into these).
+
+    def kick(self, m: Member, reason: str, by: int) -> None:
+        name = m.name
+        why = f": {reason}" if reason else ""
+        self.drop(
+            m,
+            "kicked",
+            notice=notices.KICKED(why=why),
+            announce=notices.USER_KICKED(name=name, reason=notices.parenthesized(reason)),
+            by_uid=by,
+        )
+        self.stats.kicks += 1
+
+    def say(self, text: str) -> int:
+        """A server notice to everyone; returns how many users it reaches."""
+        self.room.notice(text)
+        return len(self.room)
+
+    def load_bans(self, bans: Bans) -> None:
+        """The bans kept from the last run, at start."""
+        self.bans = bans
+        for ban in bans.active(self.host.wall()):
+            self.watch_expiry(ban)
+
+    def enforce(self, ban: Ban) -> list[str]:
+        """Disconnect whoever ``ban`` covers; return the names of the users among them."""
+        now = self.host.wall()
+        gone = []
+        for m in list(self.host.members()):
+            if m.state is JOINED:
+                if ban.kind == "name":
+                    hit = m.name.casefold() == ban.target.casefold()
+                else:
+                    hit = self.bans.match_address(m.peer_host, now) is ban
+                if hit:
+                    gone.append(m.name)
+                    self.drop(
+                        m,
+                        "banned",
+                        notice=notices.BANNED(terms=ban.terms()),
+                        announce=notices.USER_BANNED(
+                            name=m.name, reason=notices.parenthesized(ban.reason)
+                        ),
+                    )
+            elif (
+                m.state is HANDSHAKE
+                and ban.kind == "address"
+                and self.bans.match_address(m.peer_host, now) is ban
+            ):
+                self.reject(m, "banned", notices.ADDRESS_BANNED(terms=ban.terms()))
+        return gone
+
+    def prune_bans(self) -> bool:
+        """Forget the bans that expired (logged); True if there were any."""
+        gone = self.bans.prune(self.host.wall())
+        for ban in gone:
+            self.log.info("ban_expired", kind=ban.kind, target=ban.target)
+        return bool(gone)
+
+    def watch_expiry(self, ban: Ban) -> None:
+        """Lift ``ban`` from the state file and the log when it expires."""
+        if ban.expires is not None:
+            wait = min(ban.expires - self.host.wall() + 0.01, BAN_CHECK_MAX)
+            self.host.call_at(self.host.now() + wait, self._expire, ban)
+
+    def _expire(self, ban: Ban) -> None:
+        if not ban.expired(self.host.wall()):
+            # The wall clock was set back, or the ban is long: look again later.
+            self.watch_expiry(ban)
+            return
+        if self.prune_bans():
+            try:
+                self.host.save_bans(self.bans)
+            except StateError as e:
+                self.log.error("state_not_saved", error=str(e))

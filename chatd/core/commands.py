@@ -1,0 +1,51 @@
+"""Carrying out the in-band commands (/who, /msg, /me, //text, /quit, /help).
+
+The grammar is wire's (`chatd.wire.chat.parse`); this is what each command does in the
+room.  Nobody but the sender ever sees a command: the answers are notices to it
+alone, and an unknown command is never broadcast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from chatd.core.names import and_more, list_bytes, names_line
+from chatd.wire import chat, notices
+from chatd.wire.chat import NOTICE_SENDER
+
+if TYPE_CHECKING:
+    from chatd.core.chat import Chat, Member
+
+
+def who_line(names: list[str], max_bytes: int = chat.WHO_MAX_BYTES) -> str:
+    """The /who answer: every name, or as many as fit in about ``max_bytes``."""
+    head = notices.WHO(count=len(names), names="")
+    text, shown = names_line(names, max_bytes - len(head.encode()))
+    return notices.WHO(count=len(names), names=and_more(text, shown, len(names)))
+
+
+def run(hub: Chat, m: Member, text: str) -> None:
+    """Carry out the command in ``text`` (a valid message starting with '/')."""
+    room = hub.room
+    command = chat.parse(text)
+    if isinstance(command, chat.Say):
+        room.post(m, command.text)
+        hub.accepted(m, command.text)
+    elif isinstance(command, chat.Act):
+        room.post(m, command.text, as_name=chat.action_sender(m.name))
+        hub.accepted(m, command.text, kind="action")
+    elif isinstance(command, chat.Private):
+        target = room.get(command.to)
+        if target is None:
+            room.send_to(m, NOTICE_SENDER, notices.NOBODY_CALLED(name=command.to))
+            return
+        room.send_to(target, chat.private_sender(m.name), command.text)
+        hub.accepted(m, command.text, kind="private", to=target.name)
+    elif isinstance(command, chat.Who):
+        line = who_line(room.names(), list_bytes(room.header_length))
+        room.send_to(m, NOTICE_SENDER, line)
+    elif isinstance(command, chat.Quit):
+        hub.drop(m, "quit")
+    else:
+        for line in command.lines:
+            room.send_to(m, NOTICE_SENDER, line)

@@ -1,0 +1,129 @@
+"""The chat's conventions on top of framing: senders, markers and the in-band commands.
+
+The daemon sends every message as the frame pair (sender, text).  User names never
+contain whitespace, so a sender with a space in it can only come from the daemon and
+cannot be forged:
+
+- ``chatd`` (`NOTICE_SENDER`) sends the server's notices (see notices.py);
+- a private message from alice reaches its one recipient from ``alice (private)``;
+- an action (``/me waves``) reaches everyone else from ``* alice``.
+
+A message that starts with '/' is a command for the daemon.  `parse()` turns its text
+into what it asks for, without doing any of it; the daemon carries it out, and the
+client uses the same grammar to know which of its lines are commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatd.wire import notices
+
+DEFAULT_PORT = 1234
+NOTICE_SENDER = "chatd"
+PRIVATE_SUFFIX = " (private)"
+ACTION_PREFIX = "* "
+WHO_MAX_BYTES = 4000  # a list of names (/who, the welcome) is cut after about this size
+
+
+def private_sender(name: str) -> str:
+    return name + PRIVATE_SUFFIX
+
+
+def action_sender(name: str) -> str:
+    return ACTION_PREFIX + name
+
+
+def read_sender(sender: str) -> tuple[str, str]:
+    """(kind, name) of a sender: notice, private, action or message."""
+    if sender == NOTICE_SENDER:
+        return "notice", sender
+    if sender.endswith(PRIVATE_SUFFIX):
+        name = sender[: -len(PRIVATE_SUFFIX)]
+        if name and not any(c.isspace() for c in name):
+            return "private", name
+    if sender.startswith(ACTION_PREFIX):
+        name = sender[len(ACTION_PREFIX) :]
+        if name and not any(c.isspace() for c in name):
+            return "action", name
+    return "message", sender
+
+
+# The in-band commands.
+
+
+@dataclass(frozen=True)
+class Say:
+    """Broadcast ``text`` as an ordinary message (``//text``)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Act:
+    """Broadcast an action."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Private:
+    """Send ``text`` to the user called ``to`` alone."""
+
+    to: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Who:
+    pass
+
+
+@dataclass(frozen=True)
+class Quit:
+    pass
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Answer the sender with notices, one per line (help, usage, unknown command)."""
+
+    lines: tuple[str, ...]
+
+
+Command = Say | Act | Private | Who | Quit | Reply
+
+
+def parse(text: str) -> Command:
+    """What a message starting with '/' asks for."""
+    body = text[1:]
+    if body.startswith("/"):
+        return Say(body)
+    parts = body.split(maxsplit=1) if body and not body[0].isspace() else []
+    if not parts:
+        return Reply((notices.NOT_A_COMMAND(),))
+    command = parts[0].lower()
+    rest = parts[1] if len(parts) > 1 else ""
+    if command == "who":
+        return Who()
+    if command == "help":
+        return Reply(tuple(line() for line in notices.HELP))
+    if command == "quit":
+        return Quit()
+    if command == "me":
+        action = rest.strip()
+        return Act(action) if action else Reply((notices.USAGE(usage="/me ACTION"),))
+    if command == "msg":
+        words = rest.split(maxsplit=1)
+        if len(words) < 2 or not words[1].strip():
+            return Reply((notices.USAGE(usage="/msg NAME TEXT"),))
+        target, message = words
+        return Private(target, message)
+    shown = parts[0] if len(parts[0]) <= 32 else parts[0][:32] + "..."
+    return Reply((notices.UNKNOWN_COMMAND(command=shown),))
+
+
+def is_quit(line: str) -> bool:
+    """A line the daemon takes as /quit (words after it included)."""
+    text = line.strip()
+    return text.startswith("/") and isinstance(parse(text), Quit)
