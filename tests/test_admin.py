@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -707,3 +708,17 @@ def test_chatctl_when_nothing_answers_or_something_else_does(tmp_path: Path) -> 
         err
         == f"chatctl: not a chatd control socket: {path} answered b'220 smtp.example ESMTP ready'\n"
     )
+
+
+def test_list_shows_a_non_ascii_name_escaped_too(daemon: Daemon) -> None:
+    kept = [daemon.client("\u0441\u043e\u0440\u0435"), daemon.client("cafe")]  # Cyrillic first
+    out = daemon.ctl("list").stdout
+    assert "\u0441\u043e\u0440\u0435 (\\u0441\\u043e\\u0440\\u0435)" in out
+    assert re.search(r"^cafe  ", out, re.M)
+    r = daemon.ctl("kick", "cope")
+    assert r.returncode == 1
+    assert r.stderr == (
+        "chatctl: kick: no user named 'cope' is online "
+        "('\\u0441\\u043e\\u0440\\u0435' only looks like it)\n"
+    )
+    assert len(kept) == 2

@@ -68,7 +68,7 @@ def test_kick_and_its_errors() -> None:
     assert d.error("kick", name="eve") == ("not_found", "no user named 'eve' is online")
     assert d.error("kick", name="x", reason="a\nb") == (
         "bad_request",
-        "kick: reason: messages may not contain control characters such as newlines or escapes",
+        "kick: reason may not contain control characters such as newlines or escapes",
     )
     assert d.error("kick", name="x", reason="r" * 1025)[1] == (
         "kick: reason is longer than 1024 characters"
@@ -138,7 +138,7 @@ def test_a_name_that_looks_like_an_address_needs_kind_name() -> None:
 @pytest.mark.parametrize(
     ("args", "error"),
     [
-        ({"target": "a b"}, "ban: not a user name: the name contains space"),
+        ({"target": "a b"}, "ban: not a user name: the name contains a space"),
         ({"target": "x", "kind": "user"}, "ban: kind must be name or address, got 'user'"),
         (
             {"target": "x", "duration": "soon"},
@@ -175,3 +175,13 @@ def test_ids_come_back_and_a_bug_is_an_internal_error() -> None:
     d.counters = None  # type: ignore[assignment,method-assign]
     reply = handle(d, ROOT, b'{"cmd": "stats"}')
     assert reply == {"ok": False, "error": "internal error (see the chatd log)", "code": "internal"}
+
+
+def test_kick_takes_the_exact_name_and_points_at_a_look_alike() -> None:
+    d = FakeDaemon()
+    d.room.join("\u0441\u043e\u0440\u0435")  # Cyrillic, looks like "cope"
+    assert d.error("kick", name="cope") == (
+        "not_found",
+        "no user named 'cope' is online ('\\u0441\\u043e\\u0440\\u0435' only looks like it)",
+    )
+    assert d.result("kick", name="\u0421\u041e\u0420\u0415")["kicked"] == "\u0441\u043e\u0440\u0435"

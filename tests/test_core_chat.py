@@ -56,7 +56,7 @@ def test_join_welcomes_the_newcomer_and_tells_the_room(logs: list[dict[str, Any]
     ("name", "why"),
     [
         ("", "the name is empty"),
-        ("a b", "the name contains space"),
+        ("a b", "the name contains a space"),
         ("chatd", "the name 'chatd' is reserved"),
         ("x" * 33, "the name is 33 bytes long, the limit is 32"),
     ],
@@ -455,3 +455,106 @@ def test_every_notice_the_chat_sent_in_these_scenarios_is_a_template() -> None:
         "handshake_timeout",
         "idle",
     } <= seen
+
+
+# Names that pass for someone or something else (UTS #39, PRECIS).
+
+CYRILLIC_A = "\u0430"
+
+
+def test_a_look_alike_of_someone_online_is_refused(logs: list[dict[str, Any]]) -> None:
+    r = Room()
+    r.join("alice")
+    impostor = r.connect()
+    r.chat.name_received(impostor, CYRILLIC_A + "lice")
+    assert impostor.pairs() == [
+        (NOTICE_SENDER, f"name rejected: '{CYRILLIC_A}lice' looks like 'alice', who is online")
+    ]
+    (event,) = events(logs, "rejected")
+    assert (event["reason"], event["like"]) == ("name taken", "alice")
+    for name in ["ALlCE", "aIice", "a1ice"]:  # l, I and 1 look alike too
+        m = r.connect()
+        r.chat.name_received(m, name)
+        assert last_notice(m) == f"name rejected: {name!r} looks like 'alice', who is online"
+
+
+def test_once_the_original_left_a_mixed_script_look_alike_is_still_refused() -> None:
+    r = Room()
+    m = r.connect()
+    r.chat.name_received(m, CYRILLIC_A + "lice")
+    assert (
+        last_notice(m)
+        == "name rejected: the name mixes Cyrillic and Latin letters, as look-alike names do"
+    )
+    whole = r.join("\u0430\u0432")  # all Cyrillic: a name of its own
+    assert whole.state is JOINED
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        (
+            "chatd\u034f",
+            "the name contains U+034F COMBINING GRAPHEME JOINER, an invisible character",
+        ),
+        ("bob\u3164(private)", "the name contains U+3164 HANGUL FILLER, an invisible character"),
+        (
+            "ch" + CYRILLIC_A + "td",
+            f"the name 'ch{CYRILLIC_A}td' looks like 'chatd', which is reserved",
+        ),
+        ("bob(private)", "the name may not end like the sender of a private message, '(private)'"),
+        ("bob(prlvate)", "the name may not end like the sender of a private message, '(private)'"),
+        ("*bob", "the name may not start like the sender of an action, '*'"),
+        (
+            "\uff22ob",
+            "the name is not in its plain form (Unicode NFC, no fullwidth or other "
+            "variant forms): write 'Bob'",
+        ),
+        ("bob\u2217", "the name contains U+2217 ASTERISK OPERATOR, a symbol (beyond ASCII)"),
+        ("a\u00a0b", "the name contains a no-break space"),
+    ],
+)
+def test_names_that_pass_for_something_else_are_refused(name: str, problem: str) -> None:
+    r = Room()
+    m = r.connect()
+    r.chat.name_received(m, name)
+    assert m.pairs() == [(NOTICE_SENDER, f"name rejected: {problem}")]
+
+
+@pytest.mark.parametrize(
+    "name", ["Zoë", "日本語かな", "Latin日本", "שלום", "ΔΕΛΤΑ", "(o_o)", "x-y.z"]
+)
+def test_names_of_one_script_or_a_safe_mix_join(name: str) -> None:
+    assert Room().join(name).state is JOINED
+
+
+def test_a_name_ban_covers_its_look_alikes() -> None:
+    r = Room()
+    bans = Bans()
+    bans.add(ban("name", "eve"))
+    r.chat.load_bans(bans)
+    m = r.connect()
+    r.chat.name_received(m, "EVE")
+    n = r.connect()
+    r.chat.name_received(n, "\u0435ve")  # Cyrillic e: banned, not merely mixed
+    assert [last_notice(x) for x in (m, n)] == [
+        "name rejected: 'EVE' is banned",
+        "name rejected: '\u0435ve' is banned",
+    ]
+
+
+def test_bidi_controls_and_separators_in_messages_are_refused_to_the_sender() -> None:
+    r = Room()
+    alice, bob = r.join("alice"), r.join("bob")
+    r.flush()
+    alice.take(), bob.take()
+    r.say(alice, "abc\u202edcba")
+    r.say(alice, "one\u2028two")
+    r.say(alice, "שלום")
+    r.flush()
+    assert bob.take() == [("alice", "שלום")]
+    assert alice.notices() == [
+        "message not sent: messages may not contain bidirectional controls such as "
+        "U+202E RIGHT-TO-LEFT OVERRIDE, which reorder what the others see",
+        "message not sent: messages may not contain line or paragraph separators (U+2028, U+2029)",
+    ]

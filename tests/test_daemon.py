@@ -109,8 +109,8 @@ def test_bad_input_gets_a_notice_and_a_disconnect_and_nobody_else_sees_it(
     [
         (b"", "name rejected: the name is empty"),
         (b"a" * 33, "name rejected: the name is too long (at most 32 bytes)"),
-        (b"two words", "name rejected: the name contains space"),
-        (b"bell\x07", "name rejected: the name contains a control character"),
+        (b"two words", "name rejected: the name contains a space"),
+        (b"bell\x07", "name rejected: the name contains a control character (U+0007)"),
         (b"\xff\xfe", "name rejected: the payload is not valid UTF-8"),
         (b"chatd", "name rejected: the name 'chatd' is reserved"),
         (b"ALICE", "name rejected: 'ALICE' is already taken"),
@@ -325,3 +325,14 @@ def test_the_tutorial_client_chats_through_chatd(daemon: Daemon) -> None:
     assert "alice > hello from the tutorial" in b_out
     assert "chatd > welcome, bob; online: alice" in b_out
     assert "chatd > bob joined" in a_out or "chatd > welcome, alice" in a_out
+
+
+def test_a_look_alike_of_a_user_online_is_refused(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    impostor = Client(daemon.port)
+    impostor.send_raw(frame("\u0430lice") + frame("I am the real alice"))
+    assert impostor.expect_closed() == [
+        (NOTICE, "name rejected: '\u0430lice' looks like 'alice', who is online")
+    ]
+    alice.expect_nothing()
+    assert daemon.find("rejected", reason="name taken", like="alice")

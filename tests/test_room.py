@@ -240,10 +240,10 @@ def test_leave_drops_what_was_queued_for_the_leaver() -> None:
         ("", "the name is empty"),
         ("a" * 33, "the name is 33 bytes long, the limit is 32"),
         ("é" * 17, "the name is 34 bytes long, the limit is 32"),
-        ("al ice", "the name contains space"),
+        ("al ice", "the name contains a space"),
         ("al\tice", "the name contains"),
-        ("al\u00a0ice", "the name contains no-break space"),
-        ("al\u202eice", "the name contains right-to-left override"),
+        ("al\u00a0ice", "the name contains a no-break space"),
+        ("al\u202eice", "the name contains U+202E RIGHT-TO-LEFT OVERRIDE, an invisible character"),
         ("al\x1bice", "the name contains"),
         ("chatd", "the name 'chatd' is reserved"),
         ("ChatD", "the name 'ChatD' is reserved"),
@@ -254,16 +254,29 @@ def test_bad_names(name: str, problem: str) -> None:
     assert got is not None and got.startswith(problem), got
 
 
-@pytest.mark.parametrize("name", ["alice", "Zoë", "李雷", "a" * 32, "bob_2", "x-y.z", "(o_o)"])
+@pytest.mark.parametrize(
+    "name", ["alice", "Zoë", "李雷", "a" * 32, "bob_2", "x-y.z", "(o_o)", "שלום", "日本語かな"]
+)
 def test_good_names(name: str) -> None:
     assert name_problem(name, 32) is None
 
 
-def test_text_problem_refuses_exactly_the_control_characters_but_tab() -> None:
+BIDI_CONTROLS = set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
+
+
+def test_text_problem_refuses_controls_separators_and_bidi_controls_alone() -> None:
     for code in range(0x10000):
         ch = chr(code)
         control = ch != "\t" and unicodedata.category(ch) == "Cc"
-        assert (text_problem(f"a{ch}b") is not None) == control, hex(code)
+        refused = control or code in (0x2028, 0x2029) or code in BIDI_CONTROLS
+        assert (text_problem(f"a{ch}b") is not None) == refused, hex(code)
+
+
+def test_right_to_left_text_passes_untouched() -> None:
+    assert text_problem("שלום עולם") is None
+    assert text_problem("مرحبا بالعالم") is None
+    assert text_problem("mixed: hello שלום 123") is None
+    assert text_problem("\u200f\u200e marks alone") is None
 
 
 def test_text_problem() -> None:

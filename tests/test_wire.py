@@ -17,6 +17,7 @@ from chatd.wire.tokenbucket import TokenBucket
 # Sample fields for every template: a name has no whitespace, anything else may.
 SAMPLE = {
     "name": "alice",
+    "other": "Alice",
     "online": "online: bob and 3 more",
     "terms": " until 2026-11-25 19:00:00 UTC: spam",
     "problem": "the name is empty",

@@ -53,6 +53,7 @@ class Outcome:
 OUTCOMES: dict[str, Outcome] = {
     notices.NAME_INVALID.kind: Outcome(NAME_REJECTED, retry=False),
     notices.NAME_TAKEN.kind: Outcome(NAME_REJECTED, retry=True),
+    notices.NAME_LOOKALIKE.kind: Outcome(NAME_REJECTED, retry=False),
     notices.NAME_BANNED.kind: Outcome(NAME_REJECTED, retry=False),
     notices.ADDRESS_BANNED.kind: Outcome(DISCONNECTED, retry=False),
     notices.SERVER_FULL.kind: Outcome(DISCONNECTED, retry=True),

@@ -103,7 +103,7 @@ def _message_text(daemon: Daemon, cmd: str, key: str, value: str, *, empty_ok: b
         raise RequestError(BAD_REQUEST, f"{cmd}: {key} is too long for the {hl}-byte frame header")
     problem = text_problem(value)
     if problem:
-        raise RequestError(BAD_REQUEST, f"{cmd}: {key}: {problem}")
+        raise RequestError(BAD_REQUEST, f"{cmd}: {key} may not contain {problem}")
     return value
 
 
@@ -129,9 +129,11 @@ def cmd_list(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
 def cmd_kick(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
     reason = _message_text(daemon, "kick", "reason", args.get("reason", ""), empty_ok=True)
     chat = daemon.chat
-    member = chat.room.get(args["name"])
+    member = chat.room.get(args["name"])  # the name itself, only the case may differ
     if member is None:
-        raise RequestError(NOT_FOUND, f"no user named {args['name']!r} is online")
+        like = chat.room.lookalike(args["name"])
+        hint = f" ({like.name!a} only looks like it)" if like is not None else ""
+        raise RequestError(NOT_FOUND, f"no user named {args['name']!r} is online{hint}")
     name = member.name
     _log().info("kick", user=name, reason=reason, admin_uid=admin.uid, admin_pid=admin.pid)
     chat.kick(member, reason, admin.uid)

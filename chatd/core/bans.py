@@ -1,6 +1,7 @@
 """Bans of names and addresses, and their state document.
 
-A ban names a user (matched without regard to case) or an IP address or network
+A ban names a user (matched without regard to case, and covering the names that
+look like it) or an IP address or network
 (CIDR), and lasts until it is lifted or, if it has a duration, until it expires.
 Times are wall-clock seconds since the epoch, so a ban keeps its expiry across a
 restart.  `Bans.to_json()` / `Bans.from_json()` are the document the server keeps in
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from chatd.core.addresses import IPNetwork, parse_network, peer_address
+from chatd.core.names import name_keys
 from chatd.wire.notices import utc
 
 STATE_VERSION = 1
@@ -36,6 +38,7 @@ class Ban:
 
     @property
     def key(self) -> str:
+        """Bans with one key are one ban (a name's without regard to case)."""
         return f"{self.kind}:{self.target.casefold() if self.kind == 'name' else self.target}"
 
     def expired(self, now: float) -> bool:
@@ -57,6 +60,7 @@ class Bans:
     def __init__(self) -> None:
         self._by_key: dict[str, Ban] = {}
         self._networks: list[tuple[IPNetwork, Ban]] = []
+        self._names: dict[str, Ban] = {}  # name_keys() of each name ban -> the ban
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -81,12 +85,16 @@ class Bans:
 
     def _reindex(self) -> None:
         nets = []
+        names = {}
         for ban in self._by_key.values():
             if ban.kind == "address":
                 net = parse_network(ban.target)
                 if net is not None:
                     nets.append((net, ban))
+            else:
+                names.update(dict.fromkeys(name_keys(ban.target), ban))
         self._networks = nets
+        self._names = names
 
     def prune(self, now: float) -> list[Ban]:
         """Remove and return the expired bans."""
@@ -104,8 +112,11 @@ class Bans:
         )
 
     def match_name(self, name: str, now: float) -> Ban | None:
-        ban = self._by_key.get(f"name:{name.casefold()}")
-        return ban if ban is not None and not ban.expired(now) else None
+        for key in name_keys(name):
+            ban = self._names.get(key)
+            if ban is not None and not ban.expired(now):
+                return ban
+        return None
 
     def match_address(self, host: str, now: float) -> Ban | None:
         addr = peer_address(host)

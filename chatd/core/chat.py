@@ -18,7 +18,7 @@ import structlog
 from chatd.core import commands
 from chatd.core.addresses import IPNetwork, in_networks
 from chatd.core.bans import Ban, Bans, StateError
-from chatd.core.names import list_bytes, name_problem, text_problem
+from chatd.core.names import list_bytes, name_problem, script_problem, text_problem
 from chatd.core.room import Room
 from chatd.core.stats import Stats
 from chatd.wire import notices
@@ -185,6 +185,15 @@ class Chat:
         if room.name_taken(name):
             self.reject(m, "name taken", notices.NAME_TAKEN(name=name), name=name)
             return
+        other = room.lookalike(name)
+        if other is not None:
+            notice = notices.NAME_LOOKALIKE(name=name, other=other.name)
+            self.reject(m, "name taken", notice, name=name, like=other.name)
+            return
+        problem = script_problem(name)
+        if problem:
+            self.reject(m, "bad name", notices.NAME_INVALID(problem=problem), name=name)
+            return
         m.name = name
         m.state = JOINED
         room.join(m)
@@ -225,8 +234,9 @@ class Chat:
             return
         problem = text_problem(text)
         if problem:
-            self.member_log(m).info("message_refused", reason=problem)
-            self.room.send_to(m, NOTICE_SENDER, notices.NOT_SENT(problem=problem))
+            reason = f"messages may not contain {problem}"
+            self.member_log(m).info("message_refused", reason=reason)
+            self.room.send_to(m, NOTICE_SENDER, notices.NOT_SENT(problem=reason))
             return
         if text[0] == "/":
             commands.run(self, m, text)
@@ -449,7 +459,7 @@ class Chat:
         for m in list(self.host.members()):
             if m.state is JOINED:
                 if ban.kind == "name":
-                    hit = m.name.casefold() == ban.target.casefold()
+                    hit = self.bans.match_name(m.name, now) is ban
                 else:
                     hit = self.bans.match_address(m.peer_host, now) is ban
                 if hit:

@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Generic, Protocol, TypeVar
 
-from chatd.core.names import and_more, names_line
+from chatd.core.names import and_more, name_keys, names_line
 from chatd.wire import framing
 from chatd.wire.chat import NOTICE_SENDER, WHO_MAX_BYTES
 
@@ -44,6 +44,7 @@ class Room(Generic[M]):
         "_direct_from",
         "_first",
         "_fresh",
+        "_keys",
         "_members",
         "_name_frames",
         "_posts",
@@ -55,6 +56,7 @@ class Room(Generic[M]):
     def __init__(self, header_length: int = framing.DEFAULT_HEADER_LENGTH) -> None:
         self.header_length = header_length
         self._members: dict[str, M] = {}  # casefolded name -> member, in join order
+        self._keys: dict[str, M] = {}  # name_keys() -> member: no two look alike
         # Frames posted this pass: (data, excluded sender or None, sole recipient or None).
         self._batch: list[tuple[bytes, M | None, M | None]] = []
         # Members who joined this pass -> the batch index they joined at: what
@@ -133,11 +135,23 @@ class Room(Generic[M]):
     def name_taken(self, name: str) -> bool:
         return name.casefold() in self._members
 
+    def lookalike(self, name: str) -> M | None:
+        """The member whose name looks like ``name`` (confusable skeletons), if any."""
+        keys = self._keys
+        for key in name_keys(name):
+            member = keys.get(key)
+            if member is not None:
+                return member
+        return None
+
     def join(self, member: M) -> None:
-        key = member.name.casefold()
-        if key in self._members:
-            raise ValueError(f"the name {member.name!r} is taken")
+        name = member.name
+        key = name.casefold()
+        if key in self._members or self.lookalike(name) is not None:
+            raise ValueError(f"the name {name!r} is taken")
         self._members[key] = member
+        for look in name_keys(name):
+            self._keys[look] = member
         if self._first is not None and self._first[4] is None:
             self._first = None  # it named everyone: the newcomer may fit too
         if self._batch:
@@ -151,6 +165,8 @@ class Room(Generic[M]):
         if self._members.get(key) is not member:
             return False
         del self._members[key]
+        for look in name_keys(member.name):
+            del self._keys[look]
         self._fresh.pop(id(member), None)
         self._first = None
         return True

@@ -277,6 +277,14 @@ def table(rows: list[list[str]], header: list[str], right: Collection[int] = ())
     return "\n".join(lines)
 
 
+def shown(name: str) -> str:
+    """A name as chatctl prints it: a non-ASCII one also escaped, so that a look-alike
+    (``alice`` written with a Cyrillic a) can be told from the original."""
+    if name.isascii() and name.isprintable():
+        return name
+    return f"{name} ({name.encode('ascii', 'backslashreplace').decode()})"
+
+
 def local_time(stamp: str | None) -> str:
     """An ISO 8601 UTC time from the daemon, in the local time zone."""
     if not stamp:
@@ -291,7 +299,7 @@ def show_list(result: Any) -> str:
         return "no users online"
     rows = [
         [
-            u["name"],
+            shown(u["name"]),
             u["peer"],
             local_time(u["since"]),
             format_duration(u["idle"]),
@@ -307,25 +315,25 @@ def show_list(result: Any) -> str:
 
 def show_kick(result: Any) -> str:
     reason = f" ({result['reason']})" if result["reason"] else ""
-    return f"kicked {result['kicked']}{reason}"
+    return f"kicked {shown(result['kicked'])}{reason}"
 
 
 def _ban_line(ban: Any) -> str:
     until = f"until {local_time(ban['expires'])}" if ban["expires"] else "until lifted"
     reason = f": {ban['reason']}" if ban["reason"] else ""
-    return f"{ban['kind']} {ban['target']} {until}{reason}"
+    return f"{ban['kind']} {shown(ban['target'])} {until}{reason}"
 
 
 def show_ban(result: Any) -> str:
     lines = [("updated ban: " if result["replaced"] else "banned ") + _ban_line(result["ban"])]
     if result["disconnected"]:
-        lines.append("disconnected: " + ", ".join(result["disconnected"]))
+        lines.append("disconnected: " + ", ".join(map(shown, result["disconnected"])))
     return "\n".join(lines)
 
 
 def show_unban(result: Any) -> str:
     ban = result["unbanned"]
-    return f"lifted the ban on {ban['kind']} {ban['target']}"
+    return f"lifted the ban on {ban['kind']} {shown(ban['target'])}"
 
 
 def show_bans(result: Any) -> str:
@@ -334,7 +342,7 @@ def show_bans(result: Any) -> str:
         return "no bans"
     rows = [
         [
-            b["target"],
+            shown(b["target"]),
             b["kind"],
             local_time(b["expires"]) if b["expires"] else "never",
             format_duration(b["remaining"]) if b["remaining"] is not None else "-",

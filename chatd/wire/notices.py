@@ -69,6 +69,9 @@ def _notice(kind: str, template: str, *, ends: bool = False) -> Notice:
 WELCOME = _notice("welcome", "welcome, {name}; {online}")
 NAME_BANNED = _notice("name_banned", "name rejected: {name!r} is banned{terms}", ends=True)
 NAME_TAKEN = _notice("name_taken", "name rejected: {name!r} is already taken", ends=True)
+NAME_LOOKALIKE = _notice(
+    "name_lookalike", "name rejected: {name!r} looks like {other!r}, who is online", ends=True
+)
 NAME_INVALID = _notice("name_invalid", "name rejected: {problem}", ends=True)
 ADDRESS_BANNED = _notice(
     "address_banned", "connection refused: your address is banned{terms}", ends=True
