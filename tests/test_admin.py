@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -722,3 +723,24 @@ def test_list_shows_a_non_ascii_name_escaped_too(daemon: Daemon) -> None:
         "('\\u0441\\u043e\\u0440\\u0435' only looks like it)\n"
     )
     assert len(kept) == 2
+
+
+@pytest.mark.parametrize("args", [["--json", "list"], ["stats"]])
+def test_chatctl_ends_quietly_when_its_reader_goes_away(daemon: Daemon, args: list[str]) -> None:
+    keep = [daemon.client(f"u{i}") for i in range(3)]
+    r, w = os.pipe()
+    os.close(r)  # `chatctl ... | true`: nobody reads
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "chatd.ctl", "--socket", daemon.control_path, *args],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+    finally:
+        os.close(w)
+    assert done.returncode == -signal.SIGPIPE, done.stderr  # as cat, ls and grep do
+    assert done.stderr == ""
+    assert len(keep) == 3

@@ -2,7 +2,8 @@
 
 Exit status: 0 done, 1 the command failed (an unknown user, a bad ban...),
 2 usage error, 3 chatd not reachable (not running, permission denied, no
-answer).
+answer); when the reader of its output goes away, chatctl ends as cat does,
+killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import grp
 import json
 import math
 import os
+import signal
 import socket
 import stat
 import sys
@@ -439,8 +441,24 @@ def main(argv: list[str] | None = None) -> int:
         error, prefix = str(e), f"{args.command}: "
         print(f"chatctl: {prefix}{error.removeprefix(prefix)}", file=sys.stderr)
         return FAILED
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2))
-    else:
-        print(SHOW[args.command](result))
+    text = (
+        json.dumps(result, indent=2) if getattr(args, "json", False) else SHOW[args.command](result)
+    )
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        die_of_sigpipe()
     return OK
+
+
+def die_of_sigpipe() -> NoReturn:
+    """End as cat or ls do when their reader is gone: killed by SIGPIPE, quietly.
+
+    (Python ignores SIGPIPE, so a write to a closed pipe raises instead.)
+    """
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(128 + signal.SIGPIPE)  # not reached
