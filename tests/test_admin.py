@@ -744,3 +744,14 @@ def test_chatctl_ends_quietly_when_its_reader_goes_away(daemon: Daemon, args: li
     assert done.returncode == -signal.SIGPIPE, done.stderr  # as cat, ls and grep do
     assert done.stderr == ""
     assert len(keep) == 3
+
+
+def test_reload_of_a_config_with_a_key_twice_keeps_the_old_one(daemon: Daemon) -> None:
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(text + "max_clients: 5\nmax_clients: 6\n")
+    r = daemon.ctl("reload")
+    assert r.returncode == 1
+    assert r.stderr.startswith("chatctl: reload: reload failed, the old config stays: ")
+    assert r.stderr.endswith("duplicate key 'max_clients'\n")
+    daemon.wait_for("reload_failed")
+    assert daemon.result("stats")["users"] == 0

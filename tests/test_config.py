@@ -218,3 +218,24 @@ def test_control_modes_and_overrides(tmp_path: Path) -> None:
     assert (cfg.control.socket, cfg.state_file) == ("/x/a.sock", "/s.json")
     with pytest.raises(ConfigError, match=r"^cli: state_file: expected an absolute path, got ''$"):
         config.override(cfg, {"state_file": ""}, "cli")
+
+
+DUPLICATED = """\
+flood:
+  rate: 5
+max_clients: 10
+flood:            # an override block appended to the sample
+  burst: 3
+"""
+
+
+def test_a_key_given_twice_is_an_error_with_its_line(tmp_path: Path) -> None:
+    p = write(tmp_path, DUPLICATED)
+    r = run_chatd("--check-config", "--config", str(p))
+    assert (r.returncode, r.stderr) == (2, f"chatd: error: {p}:4: duplicate key 'flood'\n")
+    r = run_chatd("--config", str(p))  # and at start
+    assert (r.returncode, r.stderr) == (2, f"chatd: error: {p}:4: duplicate key 'flood'\n")
+    nested = write(tmp_path, "log:\n  level: info\n  format: json\n  level: debug\n")
+    with pytest.raises(ConfigError, match=r":4: duplicate key 'level'"):
+        config.load(nested)
+    assert config.load(write(tmp_path, "flood: {rate: 5}\nlog: {level: info}\n")).flood.rate == 5

@@ -382,7 +382,7 @@ def load(path: str | Path) -> Config:
     source = str(path)
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_StrictLoader)  # a SafeLoader
     except FileNotFoundError:
         raise ConfigError(source, "", "no such file") from None
     except PermissionError:
@@ -391,12 +391,40 @@ def load(path: str | Path) -> Config:
         raise ConfigError(source, "", "is a directory, expected a YAML file") from None
     except UnicodeDecodeError:
         raise ConfigError(source, "", "is not UTF-8 text") from None
+    except DuplicateKey as e:
+        raise ConfigError(f"{source}:{e.line}", "", f"duplicate key {e.key!r}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(source, "", f"{where}invalid YAML: {problem}") from None
     return build({} if raw is None else raw, source)
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names a key twice: YAML keeps the last silently, chatd refuses."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+        self.line = line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the constructor says so
+                break
+            if duplicate:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def build(raw: Any, source: str) -> Config:
