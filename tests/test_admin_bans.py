@@ -154,7 +154,7 @@ def test_a_mistyped_address_is_refused_not_banned_as_a_name(daemon: Daemon, targ
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == (
         f"chatctl: ban: not an IP address or network (CIDR): {target!r} "
-        '(to ban a name that looks like one, give kind "name": chatctl ban --name)\n'
+        "(to ban a name that looks like one, use --name)\n"
     )
     assert daemon.result("bans") == {"bans": []}
     r = daemon.ctl("ban", "--name", target)  # meant as a name, it is one

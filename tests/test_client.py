@@ -55,19 +55,38 @@ def test_json_line() -> None:
     assert datetime.fromisoformat(doc["time"]).replace(tzinfo=None) == WHEN
 
 
+def test_own_private_lines_wait_for_the_daemon() -> None:
+    assert render.own_event("alice", "/msg bob hi there") is None  # its copy shows it
+    event = classify("alice -> bob (private)", "hi there", WHEN)
+    assert (event.kind, event.name, event.to, event.own) == ("private", "alice", "bob", True)
+    assert plain(event) == "03:04:05 alice -> bob (private): hi there"
+    assert json.loads(render.as_json(event))["to"] == "bob"
+
+
+def test_what_arrives_is_printed_with_its_controls_escaped() -> None:
+    event = classify("chatd", "hi\x1b]0;owned\x07\x1b[2J\rroot: fake line\u202e", WHEN)
+    assert plain(event) == (
+        "03:04:05 chatd: hi\\x1b]0;owned\\x07\\x1b[2J\\x0droot: fake line\\u202e"
+    )
+    assert plain(classify("\x1bevil", "x", WHEN)) == "03:04:05 \\x1bevil: x"
+    doc = render.as_json(classify("a", "\x7f\x9b\u2028\t", WHEN))
+    assert "\\u007f\\u009b\\u2028" in doc and json.loads(doc)["text"] == "\x7f\x9b\u2028\t"
+    assert not any(0x7F <= ord(c) <= 0x9F for c in doc)
+
+
 @pytest.mark.parametrize(
     ("line", "kind", "text", "to"),
     [
         ("hi", "message", "hi", ""),
         ("//who", "message", "/who", ""),
         ("/me waves", "action", "waves", ""),
-        ("/msg bob hi there", "private", "hi there", "bob"),
         ("/who", "command", "/who", ""),
         ("/msg bob", "command", "/msg bob", ""),
     ],
 )
 def test_own_lines(line: str, kind: str, text: str, to: str) -> None:
     event = render.own_event("alice", line)
+    assert event is not None
     assert (event.kind, event.text, event.to, event.own) == (kind, text, to, True)
 
 
@@ -387,7 +406,7 @@ def test_server_full(start: Callable[..., Daemon]) -> None:
     done = run_chat(daemon.port, "-u", "ci", "127.0.0.1")
     alice.expect_nothing()
     assert done.returncode == session.DISCONNECTED == 7
-    assert done.stderr == "chat: refused by the server: the server is full, try again later\n"
+    assert done.stderr == "chat: the server is full, try again later\n"
 
 
 def test_disconnected_by_the_server(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
@@ -397,9 +416,8 @@ def test_disconnected_by_the_server(daemon: Daemon, procs: list[subprocess.Popen
     assert daemon.stop() == 0
     ci.wait(20)  # stdin is still open: the server's close alone ends it
     assert ci.returncode == session.DISCONNECTED
-    assert ci.stderr and ci.stderr.read() == (
-        "chat: disconnected by the server: the server is shutting down\n"
-    )
+    assert ci.stderr and ci.stderr.read() == "chat: the server is shutting down\n"
+    assert ci.stdout and "shutting down" not in ci.stdout.read()  # said once, on stderr
 
 
 def test_kicked(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
@@ -426,8 +444,19 @@ def test_banned(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
     assert ci.returncode == session.KICKED
     assert ci.stderr and ci.stderr.read() == "chat: you were banned by an admin: spam\n"
     again = run_chat(daemon.port, "--reconnect", "-u", "ci", "127.0.0.1")
-    assert again.returncode == session.NAME_REJECTED
+    assert again.returncode == session.BANNED == 6  # final, with --reconnect too
     assert again.stderr == "chat: name rejected: 'ci' is banned: spam\n"
+    assert again.stdout == ""  # said once, on stderr
+
+
+def test_an_address_banned_at_connect_exits_6_once_and_finally(daemon: Daemon) -> None:
+    done = daemon.ctl("ban", "127.0.0.1", "--for", "5m")
+    assert done.returncode == 0, done.stderr
+    refused = run_chat(daemon.port, "--reconnect", "-u", "newbie", "127.0.0.1", stdin="hi\n")
+    assert refused.returncode == session.BANNED
+    assert refused.stderr.startswith("chat: connection refused: your address is banned until ")
+    assert refused.stderr.count("\n") == 1 and "reconnecting" not in refused.stderr
+    assert refused.stdout == ""
 
 
 def test_connection_lost(daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
@@ -477,9 +506,7 @@ def test_reconnect(start: Callable[..., Daemon], procs: list[subprocess.Popen[st
     first.stop()
     assert ci.stderr
     line = ci.stderr.readline()
-    assert line.startswith(
-        "chat: disconnected by the server: the server is shutting down; reconnecting in "
-    ), line
+    assert line.startswith("chat: the server is shutting down; reconnecting in "), line
     second = start({"listen": [f"127.0.0.1:{port}"]})
     alice = second.client("alice")
     deadline = time.monotonic() + 60  # backoff grows while the new daemon starts
@@ -581,6 +608,7 @@ def test_interactive_commands(daemon: Daemon, ttys: list[pexpect.spawn]) -> None
     assert alice.recv() == ("* bob", "nods")
     assert carol.recv() == ("* bob", "nods")  # carol never saw the private message
     alice.send("/msg bob psst")
+    assert alice.recv() == ("alice -> bob (private)", "psst")  # it went
     bob.expect(re.escape("alice (private):"))
     bob.expect("psst")
     bob.send("//slash\r")
@@ -639,8 +667,8 @@ def test_typed_text_stays_on_screen_when_the_daemon_leaves(
     bob.send("unsent_words")
     bob.expect("unsent_words")
     daemon.stop()
-    bob.expect("the server is shutting down")
-    bob.expect("chat: disconnected by the server")
+    bob.expect("chat: the server is shutting down")
+    assert "-- the server is shutting down" not in bob.before  # said once
     # Not erased with the prompt: the words are drawn again, to copy them.
     assert "unsent_words" in bob.before
     bob.expect(pexpect.EOF)
@@ -707,7 +735,7 @@ def test_interactive_reconnect(start: Callable[..., Daemon], ttys: list[pexpect.
     bob = spawn_tty(port, "bob", "--reconnect")
     ttys.append(bob)
     first.stop()
-    bob.expect("disconnected by the server: the server is shutting down; reconnecting in")
+    bob.expect("the server is shutting down; reconnecting in")
     bob.expect(re.escape("(offline)"))
     bob.send("/who\r")
     bob.expect("not connected; message not sent")
@@ -728,3 +756,26 @@ def test_interactive_connection_lost(daemon: Daemon, ttys: list[pexpect.spawn]) 
     bob.expect(pexpect.EOF)
     bob.close()
     assert bob.exitstatus == session.LOST
+
+
+@pytest.mark.parametrize("length", ["5", "20"])
+def test_a_header_length_the_daemon_does_not_use_is_named(daemon: Daemon, length: str) -> None:
+    done = run_chat(daemon.port, "--header-length", length, "-u", "ci", "127.0.0.1", stdin="hi\n")
+    assert done.returncode == session.USAGE
+    assert done.stderr == (
+        f"chat: 127.0.0.1 port {daemon.port} sends frames with another header length (10); "
+        f"the daemon's header_length must match --header-length ({length})\n"
+    )
+
+
+def test_a_line_the_daemon_would_refuse_is_not_sent(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    done = run_chat(daemon.port, "-u", "ci", "127.0.0.1", stdin="fine\nabc\u202edcba\nalso fine\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        "chat: line 2 not sent: messages may not contain bidirectional controls such as "
+        "U+202E RIGHT-TO-LEFT OVERRIDE, which reorder what the others see\n"
+    )
+    alice.expect(NOTICE, "ci joined")
+    alice.expect("ci", "fine")
+    alice.expect("ci", "also fine")

@@ -97,11 +97,21 @@ def test_private_message_reaches_its_target_only(daemon: Daemon) -> None:
     alice, bob, carol = three(daemon)
     alice.send("/msg BOB psst, bob")
     bob.expect("alice (private)", "psst, bob")
+    alice.expect("alice -> bob (private)", "psst, bob")  # it went, to bob as he is named
     alice.send("after")  # ordered with the broadcasts
     bob.expect("alice", "after")
     carol.expect("alice", "after")
     alice.expect_nothing()
+    carol.expect_nothing()
     daemon.wait_for("message", user="alice", kind="private", to="bob", text="psst, bob")
+
+
+def test_a_private_message_to_oneself_is_refused(daemon: Daemon) -> None:
+    alice, bob, _ = three(daemon)
+    alice.send("/msg ALICE note to self")
+    alice.expect(NOTICE, "message not sent: 'ALICE' is you")
+    bob.expect_nothing()
+    assert not daemon.find("message", user="alice")
 
 
 def test_private_message_to_nobody_is_refused(daemon: Daemon) -> None:

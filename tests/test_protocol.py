@@ -177,3 +177,14 @@ def test_cut_keeps_whole_characters() -> None:
     assert cut("héllo", 2) == "h"  # not half of the é
     assert cut("ééé", 4) == "éé"
     assert cut("abc", 0) == ""
+
+
+def test_a_header_that_cannot_be_is_refused_before_it_is_complete() -> None:
+    d = FrameDecoder(100)
+    d.feed(b"2    ci")  # a 5-byte header: no 10-byte one starts so
+    with pytest.raises(BadHeader, match="bad frame header '2    ci'"):
+        d.next_frame()
+    for start in (b"", b"  ", b"12", b"  12 ", b"0"):  # these may still be headers
+        d = FrameDecoder(100)
+        d.feed(start)
+        assert d.next_frame() is None

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatd.core.names import name_problem, text_problem
+from chatd.core.names import name_problem
 from chatd.core.room import Room
-from chatd.wire.chat import NOTICE_SENDER
+from chatd.wire.chat import NOTICE_SENDER, text_problem
 from chatd.wire.framing import FrameDecoder
 
 

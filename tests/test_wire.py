@@ -120,12 +120,15 @@ def test_utc_times() -> None:
     ],
 )
 def test_read_sender(sender: str, kind: str, name: str) -> None:
-    assert chat.read_sender(sender) == (kind, name)
+    assert chat.read_sender(sender) == (kind, name, "")
 
 
 def test_marker_forms_round_trip() -> None:
-    assert chat.read_sender(chat.private_sender("bob")) == ("private", "bob")
-    assert chat.read_sender(chat.action_sender("bob")) == ("action", "bob")
+    assert chat.read_sender(chat.private_sender("bob")) == ("private", "bob", "")
+    assert chat.read_sender(chat.action_sender("bob")) == ("action", "bob", "")
+    assert chat.read_sender(chat.sent_sender("bob", "al")) == ("sent", "bob", "al")
+    assert chat.read_sender("bob ->  al (private)")[0] == "message"
+    assert chat.read_sender("b b -> al (private)")[0] == "message"
 
 
 @pytest.mark.parametrize(

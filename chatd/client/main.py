@@ -13,6 +13,7 @@ import sys
 
 from chatd import __version__
 from chatd.client.pipe import BURST_SECONDS, DEFAULT_RATE, PipeUI, pipe_mode
+from chatd.client.render import safe
 from chatd.client.session import INTERRUPTED, Ended, Session
 from chatd.client.tty import TerminalUI, interactive_mode
 from chatd.wire import framing
@@ -142,5 +143,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return INTERRUPTED
     if end.message:
-        print(f"chat: {end.message}", file=sys.stderr)
+        print(f"chat: {safe(end.message)}", file=sys.stderr)  # it quotes the daemon
     return end.status

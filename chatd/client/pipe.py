@@ -16,9 +16,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from chatd.client.render import Event, as_json, plain
+from chatd.client.render import Event, as_json, plain, safe
 from chatd.client.session import ERROR, Ended, Session, split_line
-from chatd.wire.chat import is_quit
+from chatd.wire.chat import is_quit, text_problem
 from chatd.wire.errors import os_reason
 from chatd.wire.tokenbucket import TokenBucket
 
@@ -45,7 +45,7 @@ class PipeUI:
             os.close(devnull)
 
     def status(self, text: str) -> None:
-        print(f"chat: {text}", file=sys.stderr, flush=True)
+        print(f"chat: {safe(text)}", file=sys.stderr, flush=True)
 
     def state_changed(self) -> None:
         pass
@@ -127,6 +127,10 @@ async def feed_stdin(chat: Session, ui: PipeUI, pace: Pace) -> None:
             continue
         if is_quit(line):
             return
+        problem = text_problem(line)
+        if problem:
+            ui.status(f"line {lines.number} not sent: messages may not contain {problem}")
+            continue
         for message in split_line(line, chat.limit):
             await pace.take()
             while not chat.send(message):

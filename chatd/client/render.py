@@ -7,6 +7,7 @@ private message, an action or an ordinary message.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -32,12 +33,16 @@ class Event:
 
 def classify(sender: str, text: str, when: datetime | None = None) -> Event:
     """Read a frame pair: a private message or an action has a space in its sender."""
-    kind, name = read_sender(sender)
-    return Event(kind, name, text, when or datetime.now())
+    kind, name, to = read_sender(sender)
+    when = when or datetime.now()
+    if kind == "sent":
+        return Event("private", name, text, when, own=True, to=to)
+    return Event(kind, name, text, when)
 
 
-def own_event(me: str, line: str) -> Event:
-    """How a line the user sends is shown back to them."""
+def own_event(me: str, line: str) -> Event | None:
+    """How a line the user sends is shown back to them (None for a private message:
+    the daemon's copy shows it once it went)."""
     now = datetime.now()
     if line.startswith("//"):
         return Event("message", me, line[1:], now, own=True)
@@ -47,13 +52,23 @@ def own_event(me: str, line: str) -> Event:
         if command == "/me" and len(words) > 1:
             return Event("action", me, line[3:].strip(), now, own=True)
         if command == "/msg" and len(words) == 3 and words[2].strip():
-            return Event("private", me, words[2], now, own=True, to=words[1])
+            return None
         return Event("command", me, line, now, own=True)
     return Event("message", me, line, now, own=True)
 
 
+def shown(event: Event) -> Event:
+    """``event`` with what a terminal would act on escaped, whoever sent it: until TLS,
+    anyone on the LAN can pose as the server."""
+    name, text, to = safe(event.name), safe(event.text), safe(event.to)
+    if (name, text, to) == (event.name, event.text, event.to):
+        return event
+    return Event(event.kind, name, text, event.when, event.own, to)
+
+
 def plain(event: Event) -> str:
     """The line printed in pipe mode: "HH:MM:SS name: text"."""
+    event = shown(event)
     t = event.when.strftime("%H:%M:%S")
     if event.kind == "action":
         return f"{t} * {event.name} {event.text}"
@@ -73,11 +88,35 @@ def as_json(event: Event) -> str:
         "from": event.name,
         "text": event.text,
     }
-    return json.dumps(doc, ensure_ascii=False)
+    if event.to:
+        doc["to"] = event.to
+    # json escapes C0 controls; DEL, C1 and the line and bidi controls too.
+    return _UNSAFE.sub(_json_escape, json.dumps(doc, ensure_ascii=False))
+
+
+# What chat never prints as it is, whoever sent it (anyone on the LAN can pose as the
+# server): controls would drive the terminal, separators and bidi controls forge or
+# reorder lines.  A tab is fine.
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _json_escape(m: re.Match[str]) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
+def safe(text: str) -> str:
+    """``text`` with what a terminal would act on written as escapes (``\\x1b``)."""
+    return _UNSAFE.sub(_escape, text) if _UNSAFE.search(text) else text
 
 
 def styled(event: Event) -> list[tuple[str, str]]:
     """Fragments for prompt_toolkit: the text carries the distinction, color adds to it."""
+    event = shown(event)
     t = ("class:time", event.when.strftime("%H:%M:%S") + " ")
     me = " class:own" if event.own else ""
     if event.kind == "notice":

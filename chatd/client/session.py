@@ -18,12 +18,14 @@ from typing import NoReturn, Protocol
 
 from chatd.client.render import Event, classify
 from chatd.wire import framing, notices
+from chatd.wire.chat import NOTICE_SENDER
 from chatd.wire.errors import os_reason
 
 MESSAGE_BYTES = 4096  # the daemon's default max_message_bytes: longer lines go in pieces
 MAX_INCOMING = 16 * 1024 * 1024  # largest frame accepted from the daemon
 CONNECT_TIMEOUT = 10.0  # seconds to connect, and then to be welcomed
 REASON_WINDOW = 3.0  # a notice this recent before the end of stream gives its reason
+HEAD_BYTES = 64  # the first bytes received, kept to recognize another header length
 BACKOFF_MAX = 30.0
 
 # Exit statuses.
@@ -33,7 +35,8 @@ USAGE = 2
 UNKNOWN_HOST = 3
 REFUSED = 4  # the connection could not be made
 NAME_REJECTED = 5
-KICKED = 6  # or banned while in the chat
+KICKED = 6  # or banned: the name, the address, or while in the chat
+BANNED = KICKED
 DISCONNECTED = 7  # the daemon closed the connection and said why
 LOST = 8  # the connection broke, or the daemon closed it without a word
 INTERRUPTED = 130
@@ -45,26 +48,30 @@ class Outcome:
 
     status: int
     retry: bool  # worth a reconnect (--reconnect)
+    prefix: str = ""  # before the notice in the client's last line, when it needs one
 
 
-# Every notice that ends a connection (``ends``), by kind: what it means here.  A
-# name still held by our own lost connection frees up shortly, hence name_taken's
-# retry (taken only when the client was in the chat before).
+# Every notice that ends a connection (``ends``), by kind: what it means here.  The
+# notice is said once, as the client's last line.  A name still held by our own lost
+# connection frees up shortly, hence name_taken's retry (only when the client was in
+# the chat before).
 OUTCOMES: dict[str, Outcome] = {
     notices.NAME_INVALID.kind: Outcome(NAME_REJECTED, retry=False),
     notices.NAME_TAKEN.kind: Outcome(NAME_REJECTED, retry=True),
     notices.NAME_LOOKALIKE.kind: Outcome(NAME_REJECTED, retry=False),
-    notices.NAME_BANNED.kind: Outcome(NAME_REJECTED, retry=False),
-    notices.ADDRESS_BANNED.kind: Outcome(DISCONNECTED, retry=False),
+    notices.NAME_BANNED.kind: Outcome(BANNED, retry=False),
+    notices.ADDRESS_BANNED.kind: Outcome(BANNED, retry=False),
     notices.SERVER_FULL.kind: Outcome(DISCONNECTED, retry=True),
     notices.TOO_MANY_FROM_ADDRESS.kind: Outcome(DISCONNECTED, retry=True),
     notices.HANDSHAKE_TIMEOUT.kind: Outcome(DISCONNECTED, retry=True),
-    notices.PROTOCOL_ERROR.kind: Outcome(DISCONNECTED, retry=True),
+    notices.PROTOCOL_ERROR.kind: Outcome(
+        DISCONNECTED, retry=True, prefix="disconnected by the server: "
+    ),
     notices.FLOODING.kind: Outcome(DISCONNECTED, retry=True),
     notices.IDLE.kind: Outcome(DISCONNECTED, retry=True),
     notices.SHUTDOWN.kind: Outcome(DISCONNECTED, retry=True),
     notices.KICKED.kind: Outcome(KICKED, retry=False),
-    notices.BANNED.kind: Outcome(KICKED, retry=False),
+    notices.BANNED.kind: Outcome(BANNED, retry=False),
 }
 
 
@@ -245,6 +252,8 @@ class Session:
         decoder = framing.FrameDecoder(MAX_INCOMING, self.hl)
         sender: str | None = None
         last_notice = ("", 0.0)
+        held: Event | None = None  # an ending notice, said once if the connection ends
+        head = b""  # the first bytes, to tell a header length that is not ours
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while True:
             wait = None if self.joined.is_set() else max(0.0, deadline - time.monotonic())
@@ -254,6 +263,7 @@ class Session:
                 async with asyncio.timeout(wait):
                     data = await reader.read(65536)
             except TimeoutError:
+                self._other_header_length(head)
                 raise Ended(
                     LOST, f"{self.where} did not answer within {CONNECT_TIMEOUT:g} s", retry=True
                 ) from None
@@ -262,7 +272,11 @@ class Session:
                     LOST, f"connection to {self.where} lost: {os_reason(e)}", retry=True
                 ) from None
             if not data:
+                if held is not None and not self._ends_with(held.text, last_notice[1]):
+                    self.ui.show(held)  # the close is not that notice's: show it after all
                 raise self._ended(*last_notice)
+            if len(head) < HEAD_BYTES:
+                head += data[: HEAD_BYTES - len(head)]
             decoder.feed(data)
             try:
                 while (frame := decoder.next_frame()) is not None:
@@ -271,13 +285,43 @@ class Session:
                         continue
                     event = classify(sender, frame)
                     sender = None
+                    if held is not None:
+                        self.ui.show(held)  # more came: it did not end the connection
+                        held = None
                     if event.kind == "notice":
                         last_notice = (event.text, time.monotonic())
                         if not self.joined.is_set() and notices.WELCOME.match(event.text):
                             self._welcomed()
+                        if ending(event.text) is not None:
+                            held = event
+                            continue
                     self.ui.show(event)
             except framing.ProtocolError as e:
+                if not self.joined.is_set():
+                    self._other_header_length(head)
                 raise Ended(LOST, f"protocol error from {self.where}: {e}", retry=True) from None
+
+    def _ends_with(self, text: str, when: float) -> bool:
+        """Whether the notice ``text``, received at ``when``, explains the close."""
+        return ending(text) is not None and time.monotonic() - when < REASON_WINDOW
+
+    def _other_header_length(self, head: bytes) -> None:
+        """Raise Ended if ``head`` reads as the daemon's frames with another header length."""
+        for hl in range(1, 21):
+            if hl == self.hl:
+                continue
+            decoder = framing.FrameDecoder(len(head), hl)
+            decoder.feed(head)
+            try:
+                first = decoder.next_frame()
+            except framing.ProtocolError:
+                continue
+            if first == NOTICE_SENDER:
+                raise Ended(
+                    USAGE,
+                    f"{self.where} sends frames with another header length ({hl}); the "
+                    f"daemon's header_length must match --header-length ({self.hl})",
+                )
 
     def _welcomed(self) -> None:
         if self.was_joined:
@@ -289,22 +333,18 @@ class Session:
 
     def _ended(self, last: str, when: float) -> Ended:
         """Why the daemon closed the connection, from the notice it sent last."""
-        notice = ending(last) if time.monotonic() - when < REASON_WINDOW else None
+        notice = ending(last) if self._ends_with(last, when) else None
         if self.closing and not (self.confirming and notice is not None):
             return Ended(OK)
-        joined = self.joined.is_set()
         if notice is None:
-            if not joined:
+            if not self.joined.is_set():
                 return Ended(
                     LOST, f"{self.where} closed the connection before welcoming", retry=True
                 )
             return Ended(LOST, f"connection to {self.where} lost", retry=True)
         outcome = OUTCOMES[notice.kind]
         retry = outcome.retry and (notice is not notices.NAME_TAKEN or self.was_joined)
-        if outcome.status == DISCONNECTED:
-            said = "refused by the server" if not joined else "disconnected by the server"
-            return Ended(DISCONNECTED, f"{said}: {last}", retry=retry)
-        return Ended(outcome.status, last, retry=retry)
+        return Ended(outcome.status, outcome.prefix + last, retry=retry)
 
     def send_line(self, line: str) -> bool:
         """Send one line (in pieces if it is long); False when not connected."""

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 
-from chatd.client.render import Event, own_event, styled
+from chatd.client.render import Event, own_event, safe, styled
 from chatd.client.session import INTERRUPTED, OK, Ended, Session
-from chatd.wire.chat import is_quit
+from chatd.wire.chat import is_quit, text_problem
 
 QUIT_WAIT = 2.0  # seconds the daemon gets to confirm the close when the user quits
 
@@ -88,7 +88,7 @@ class TerminalUI:
 
     def status(self, text: str) -> None:
         now = datetime.now().strftime("%H:%M:%S")
-        self._print([("class:time", now + " "), ("class:status", f"!! {text}")])
+        self._print([("class:time", now + " "), ("class:status", f"!! {safe(text)}")])
 
     def state_changed(self) -> None:
         from prompt_toolkit.application import get_app_or_none
@@ -152,8 +152,13 @@ async def interactive_mode(chat: Session, ui: TerminalUI) -> Ended:
             if is_quit(line):  # in a pasted block: what came before it is sent
                 get_app().exit(result="/quit")
                 return False
-            if chat.send_line(line):
-                ui.show(own_event(chat.name, line))
+            problem = text_problem(line)
+            if problem:  # the daemon would refuse it: never shown as sent
+                ui.status(f"message not sent: messages may not contain {problem}")
+            elif chat.send_line(line):
+                shown = own_event(chat.name, line)
+                if shown is not None:
+                    ui.show(shown)
             else:
                 ui.status("not connected; message not sent")
         return False

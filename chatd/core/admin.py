@@ -19,8 +19,9 @@ import structlog
 from chatd.core.addresses import parse_network
 from chatd.core.bans import Ban, StateError
 from chatd.core.chat import Chat
-from chatd.core.names import name_problem, text_problem
+from chatd.core.names import name_problem
 from chatd.wire import control
+from chatd.wire.chat import text_problem
 from chatd.wire.control import BAD_REQUEST, FAILED, NOT_FOUND, RequestError, iso
 from chatd.wire.framing import max_length
 
@@ -209,7 +210,7 @@ def _target(cmd: str, args: dict[str, Any], max_name_bytes: int) -> tuple[str, s
         raise RequestError(  # 10.0.0.0/33: a typo, not a name
             BAD_REQUEST,
             f"{cmd}: not an IP address or network (CIDR): {target!r} "
-            '(to ban a name that looks like one, give kind "name": chatctl ban --name)',
+            "(to ban a name that looks like one, use --name)",
         )
     if kind == "address":
         net = parse_network(target)

@@ -18,11 +18,11 @@ import structlog
 from chatd.core import commands
 from chatd.core.addresses import IPNetwork, in_networks
 from chatd.core.bans import Ban, Bans, StateError
-from chatd.core.names import list_bytes, name_problem, script_problem, text_problem
+from chatd.core.names import list_bytes, name_problem, script_problem
 from chatd.core.room import Room
 from chatd.core.stats import Stats
 from chatd.wire import notices
-from chatd.wire.chat import NOTICE_SENDER
+from chatd.wire.chat import NOTICE_SENDER, text_problem
 from chatd.wire.tokenbucket import TokenBucket
 
 # A member's state (the chat's view; the transport keeps its own).

@@ -38,9 +38,13 @@ def run(hub: Chat, m: Member, text: str) -> None:
         target = room.get(command.to)
         if target is None:
             room.send_to(m, NOTICE_SENDER, notices.NOBODY_CALLED(name=command.to))
-            return
-        room.send_to(target, chat.private_sender(m.name), command.text)
-        hub.accepted(m, command.text, kind="private", to=target.name)
+        elif target is m:
+            room.send_to(m, NOTICE_SENDER, notices.TO_YOURSELF(name=command.to))
+        else:
+            room.send_to(target, chat.private_sender(m.name), command.text)
+            # The sender's copy says it went: a client shows it only now.
+            room.send_to(m, chat.sent_sender(m.name, target.name), command.text)
+            hub.accepted(m, command.text, kind="private", to=target.name)
     elif isinstance(command, chat.Who):
         line = who_line(room.names(), list_bytes(room.header_length))
         room.send_to(m, NOTICE_SENDER, line)

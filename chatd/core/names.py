@@ -1,5 +1,5 @@
-"""What a user name and a message may contain, when two names look alike, and lists of
-names that fit a notice.
+"""What a user name may contain, when two names look alike, and lists of names that fit
+a notice.
 
 A name is what others see as the sender of a message, so it may not pass for someone
 or something else:
@@ -21,10 +21,8 @@ The skeleton comes from the Unicode confusables data that confusable-homoglyphs
 ships (confusables.txt, as JSON): each character is replaced by a representative of
 the characters it may be confused with.
 
-A message may not contain control characters, line or paragraph separators, or the
-bidirectional embeddings, overrides and isolates, which would let its sender forge
-lines or reorder what the others see ("Trojan Source"); ordinary right-to-left text
-is fine.
+What a message may contain is chatd.wire.chat's (`text_problem`), since the client
+checks it too.
 """
 
 from __future__ import annotations
@@ -205,35 +203,6 @@ def name_keys(name: str) -> frozenset[str]:
 _RESERVED = name_keys(chat.NOTICE_SENDER)
 _PRIVATE_MARKS = name_keys(chat.PRIVATE_SUFFIX.strip())
 _ACTION_MARKS = name_keys(chat.ACTION_PREFIX.strip())
-
-
-# Messages.
-
-# Unicode category Cc is exactly these 65 code points (C0, DEL and C1); tab is allowed.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-_SEPARATOR = re.compile("[\u2028\u2029]")
-_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
-
-
-def text_problem(text: str) -> str | None:
-    """What ``text`` may not contain, as "messages may not contain ..." ends, or None.
-
-    Control characters are refused: a newline would let a sender forge a line that
-    looks like another user's in a simple client, and escape sequences would drive
-    the readers' terminals; line and paragraph separators break lines too, and the
-    bidirectional controls reorder what the readers see.  A tab is fine.
-    """
-    if _CONTROL.search(text):
-        return "control characters such as newlines or escapes"
-    if _SEPARATOR.search(text):
-        return "line or paragraph separators (U+2028, U+2029)"
-    bidi = _BIDI.search(text)
-    if bidi:
-        return (
-            f"bidirectional controls such as {_describe(bidi.group())}, "
-            "which reorder what the others see"
-        )
-    return None
 
 
 # Lists of names.

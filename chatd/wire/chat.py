@@ -5,7 +5,8 @@ contain whitespace, so a sender with a space in it can only come from the daemon
 cannot be forged:
 
 - ``chatd`` (`NOTICE_SENDER`) sends the server's notices (see notices.py);
-- a private message from alice reaches its one recipient from ``alice (private)``;
+- a private message from alice reaches its one recipient from ``alice (private)``,
+  and alice is told it went with the same text from ``alice -> bob (private)``;
 - an action (``/me waves``) reaches everyone else from ``* alice``.
 
 A message that starts with '/' is a command for the daemon.  `parse()` turns its text
@@ -15,6 +16,8 @@ client uses the same grammar to know which of its lines are commands.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 
 from chatd.wire import notices
@@ -30,23 +33,72 @@ def private_sender(name: str) -> str:
     return name + PRIVATE_SUFFIX
 
 
+def sent_sender(name: str, to: str) -> str:
+    """The sender of the copy a private message's sender gets: it went to ``to``."""
+    return f"{name}{SENT_ARROW}{to}{PRIVATE_SUFFIX}"
+
+
 def action_sender(name: str) -> str:
     return ACTION_PREFIX + name
 
 
-def read_sender(sender: str) -> tuple[str, str]:
-    """(kind, name) of a sender: notice, private, action or message."""
+SENT_ARROW = " -> "
+
+
+def read_sender(sender: str) -> tuple[str, str, str]:
+    """(kind, name, to) of a sender: kind notice, private, sent (a private message
+    of one's own, gone to ``to``), action or message."""
     if sender == NOTICE_SENDER:
-        return "notice", sender
+        return "notice", sender, ""
     if sender.endswith(PRIVATE_SUFFIX):
         name = sender[: -len(PRIVATE_SUFFIX)]
-        if name and not any(c.isspace() for c in name):
-            return "private", name
+        if _is_name(name):
+            return "private", name, ""
+        name, arrow, to = name.partition(SENT_ARROW)
+        if arrow and _is_name(name) and _is_name(to):
+            return "sent", name, to
     if sender.startswith(ACTION_PREFIX):
         name = sender[len(ACTION_PREFIX) :]
-        if name and not any(c.isspace() for c in name):
-            return "action", name
-    return "message", sender
+        if _is_name(name):
+            return "action", name, ""
+    return "message", sender, ""
+
+
+def _is_name(text: str) -> bool:
+    return bool(text) and not any(c.isspace() for c in text)
+
+
+# What a message may contain.
+
+# Unicode category Cc is exactly these 65 code points (C0, DEL and C1); tab is allowed.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_SEPARATOR = re.compile("[\u2028\u2029]")
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
+def text_problem(text: str) -> str | None:
+    """What ``text`` may not contain, as "messages may not contain ..." ends, or None.
+
+    Both ends check it: the daemon refuses such a message, and the client says so
+    without sending it.
+
+    Control characters are refused: a newline would let a sender forge a line that
+    looks like another user's in a simple client, and escape sequences would drive
+    the readers' terminals; line and paragraph separators break lines too, and the
+    bidirectional controls reorder what the readers see.  A tab is fine.
+    """
+    if _CONTROL.search(text):
+        return "control characters such as newlines or escapes"
+    if _SEPARATOR.search(text):
+        return "line or paragraph separators (U+2028, U+2029)"
+    bidi = _BIDI.search(text)
+    if bidi:
+        ch = bidi.group()
+        return (
+            f"bidirectional controls such as U+{ord(ch):04X} {unicodedata.name(ch)}, "
+            "which reorder what the others see"
+        )
+    return None
 
 
 # The in-band commands.

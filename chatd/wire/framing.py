@@ -13,6 +13,8 @@ once and gives the same answer.
 
 from __future__ import annotations
 
+import re
+
 DEFAULT_HEADER_LENGTH = 10
 
 
@@ -65,6 +67,10 @@ def cut(text: str, max_bytes: int) -> str:
     return data[: max(max_bytes, 0)].decode(errors="ignore")
 
 
+# What the first bytes of a header can be: its padding, then its digits, then padding.
+_HEADER_START = re.compile(rb" *[0-9]* *")
+
+
 class FrameDecoder:
     """Turn a byte stream into frames.
 
@@ -109,6 +115,10 @@ class FrameDecoder:
         if need < 0:
             end = pos + self.header_length
             if len(buf) < end:
+                if pos < len(buf) and not _HEADER_START.fullmatch(buf, pos):
+                    # No header starts so: say so now rather than wait for the rest
+                    # (a peer using a shorter header length would wait forever).
+                    self._parse_header(buf[pos:])
                 return None
             need = self._parse_header(buf[pos:end])
             pos = end

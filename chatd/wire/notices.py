@@ -93,6 +93,7 @@ WHO = _notice("who", "online ({count}): {names}")
 
 # Answers to what a user sent.
 NOBODY_CALLED = _notice("nobody_called", "message not sent: nobody called {name!r} is online")
+TO_YOURSELF = _notice("to_yourself", "message not sent: {name!r} is you")
 NOT_SENT = _notice("not_sent", "message not sent: {problem}")
 SLOW_DOWN = _notice(
     "slow_down",
@@ -110,6 +111,7 @@ HELP = tuple(
         "/me ACTION - an action, shown to the others as * NAME ACTION",
         "/quit - leave the chat",
         "//TEXT - send the message /TEXT",
+        "/help - this list",
     )
 )
 
