@@ -13,10 +13,14 @@ $(STAMP): pyproject.toml
 
 # The control socket and the bans go under .run/ (created by chatd), so `make run` works
 # as root and as an ordinary user where /run/chatd and /var/lib/chatd do not exist or are
-# not writable.  Talk to it with: .venv/bin/chatctl --socket .run/admin.sock list
+# not writable.  It prints how to reach it with chatctl.  LISTEN=HOST:PORT (several,
+# space-separated) listens there instead of etc/chatd.yaml's 127.0.0.1:1234.
+LISTEN ?=
 run: $(STAMP)
+	@echo "make run: chatctl for this chatd: CHATD_SOCKET=$(CURDIR)/.run/admin.sock $(BIN)/chatctl list"
 	$(BIN)/chatd --config etc/chatd.yaml \
-		--control-socket .run/admin.sock --state-file .run/state.json
+		--control-socket .run/admin.sock --state-file .run/state.json \
+		$(foreach address,$(LISTEN),--listen $(address))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -755,3 +755,53 @@ def test_reload_of_a_config_with_a_key_twice_keeps_the_old_one(daemon: Daemon) -
     assert r.stderr.endswith("duplicate key 'max_clients'\n")
     daemon.wait_for("reload_failed")
     assert daemon.result("stats")["users"] == 0
+
+
+def test_chatctl_takes_the_socket_from_chatd_socket_below_its_options(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    env = {**os.environ, "CHATD_SOCKET": daemon.control_path}
+    r = subprocess.run(
+        [sys.executable, "-m", "chatd.ctl", "stats"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "chatd.ctl", "--socket", str(tmp_path / "none"), "stats"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert (r.returncode, r.stderr) == (
+        3,
+        f"chatctl: chatd is not running (no socket at {tmp_path / 'none'})\n",
+    )
+
+
+def test_chatctl_names_the_zone_of_every_time_it_prints(daemon: Daemon) -> None:
+    kept = daemon.client("alice")
+    zone = time.strftime("%Z")
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d " + re.escape(zone)
+    assert re.search(stamp, daemon.ctl("list").stdout)
+    assert re.search(rf"since {stamp}\)", daemon.ctl("stats").stdout)
+    out = daemon.ctl("ban", "eve", "--for", "1h").stdout
+    assert re.fullmatch(rf"banned name eve until {stamp}\n", out), out
+    assert len(re.findall(stamp, daemon.ctl("bans").stdout)) == 2
+    env = {**os.environ, "TZ": "America/New_York"}
+    r = subprocess.run(
+        [sys.executable, "-m", "chatd.ctl", "--socket", daemon.control_path, "bans"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert re.search(r" E[SD]T ", r.stdout), r.stdout
+    assert daemon.result("bans")["bans"][0]["expires"].endswith("Z")  # JSON stays UTC
+    assert kept

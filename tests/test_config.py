@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, Client
 
 from chatd.server import config
 from chatd.server.config import Address, ConfigError
@@ -65,6 +67,29 @@ def test_listen_forms(tmp_path: Path) -> None:
         Address("localhost", 4),
     )
     assert str(cfg.listen[1]) == "[::1]:2"
+    one = config.load(write(tmp_path, 'listen: "[::]:5"'))  # one address needs no list
+    assert one.listen == (Address("::", 5),)
+
+
+def test_listen_from_the_command_line_replaces_the_config_and_holds_over_reloads(
+    start: Any,
+) -> None:
+    d = start(args=["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"])
+    assert [a.rsplit(":", 1)[0] for a in d.listen] == ["127.0.0.1", "127.0.0.2"]
+    d.signal(signal.SIGHUP)
+    reload = d.wait_for("reload")
+    assert reload["needs_restart"] == [] and reload["applied"] == []
+    c = Client(int(d.listen[1].rsplit(":", 1)[1]), host="127.0.0.2")
+    c.join("alice")
+
+
+def test_a_bad_listen_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+    r = run_chatd("--check-config", "--listen", ":5")
+    assert r.returncode == 2
+    assert r.stderr == (
+        'chatd: error: command line: listen: [0]: expected a host ("0.0.0.0" or "::" for '
+        "every interface), got ':5'\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,6 +127,12 @@ def test_listen_forms(tmp_path: Path) -> None:
         ("listen: ['1.2.3.4:70000']", "F: listen: [0]: expected an integer 0-65535, got 70000"),
         ("listen: ['bad host!:1']", "F: listen: [0]: expected an IP address or host name"),
         ("listen: [{port: 1, hots: x}]", "F: listen: [0]: expected keys host and port"),
+        # Every interface is said so, never implied.
+        ("listen: [{port: 1}]", "F: listen: [0]: expected keys host and port, got {'port': 1}"),
+        ("listen: [':1']", 'F: listen: [0]: expected a host ("0.0.0.0" or "::" for every'),
+        ("listen: ['[]:1']", 'F: listen: [0]: expected a host ("0.0.0.0" or "::" for'),
+        ("listen: ['0:1']", "F: listen: [0]: expected an IP address or host name, got '0'"),
+        ("listen: [{host: '', port: 1}]", 'F: listen: [0]: expected a host ("0.0.0.0" or'),
         ("[1, 2]", "F: expected a mapping of settings, got [1, 2]"),
         (
             "header_length: 3\nmax_message_bytes: 1000",

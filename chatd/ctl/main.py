@@ -37,6 +37,7 @@ from chatd.wire.control import (
 from chatd.wire.errors import os_reason
 
 OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
+SOCKET_VARIABLE = "CHATD_SOCKET"  # the socket, below --socket and --config
 
 
 class Unreachable(Exception):
@@ -72,8 +73,8 @@ def parser() -> argparse.ArgumentParser:
         "-s",
         "--socket",
         metavar="PATH",
-        help=f"control socket (default: control.socket in {DEFAULT_PATH} "
-        f"when readable, else {DEFAULT_SOCKET})",
+        help=f"control socket (default: ${SOCKET_VARIABLE}, else control.socket in "
+        f"{DEFAULT_PATH} when readable, else {DEFAULT_SOCKET})",
     )
     where.add_argument(
         "-c", "--config", metavar="PATH", help="take the socket path from this chatd config"
@@ -177,6 +178,9 @@ def control_socket(args: argparse.Namespace) -> tuple[str, str | None]:
     """(socket path, admin group) for these arguments; the group is None when unknown."""
     if args.socket:
         return args.socket, None
+    env = os.environ.get(SOCKET_VARIABLE, "")
+    if env and not args.config:
+        return env, None
     path = args.config or str(DEFAULT_PATH)
     sock, group = socket_from_config(path, explicit=bool(args.config))
     if sock == "":
@@ -288,11 +292,11 @@ def shown(name: str) -> str:
 
 
 def local_time(stamp: str | None) -> str:
-    """An ISO 8601 UTC time from the daemon, in the local time zone."""
+    """An ISO 8601 UTC time from the daemon, in the local time zone, which it names."""
     if not stamp:
         return "never"
     t = time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(calendar.timegm(t)))
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(calendar.timegm(t)))
 
 
 def show_list(result: Any) -> str:

@@ -171,6 +171,9 @@ def group_name(value: Any) -> str:
 
 
 def addresses(value: Any) -> tuple[Address, ...]:
+    """A list of addresses, or one alone."""
+    if isinstance(value, str | Mapping):
+        value = [value]
     if not isinstance(value, list) or not value:
         raise ValueError(f"expected a non-empty list of HOST:PORT addresses, {_got(value)}")
     parsed = []
@@ -192,12 +195,14 @@ class Address:
 
     @classmethod
     def parse(cls, item: Any) -> Address:
-        """Take "HOST:PORT", "[V6]:PORT" or {host: HOST, port: PORT}."""
+        """Take "HOST:PORT", "[V6]:PORT" or {host: HOST, port: PORT}.
+
+        The host is never implied: every interface is "0.0.0.0" or "::", said so.
+        """
         if isinstance(item, Mapping):
-            unknown = set(item) - {"host", "port"}
-            if unknown or "port" not in item:
+            if set(item) != {"host", "port"}:
                 raise ValueError(f"expected keys host and port, {_got(dict(item))}")
-            host, port = item.get("host", "0.0.0.0"), item["port"]
+            host, port = item["host"], item["port"]
         elif isinstance(item, str):
             host, sep, port_text = item.rpartition(":")
             if not sep or not port_text.isdigit():
@@ -205,8 +210,12 @@ class Address:
             host, port = host.removeprefix("[").removesuffix("]"), int(port_text)
         else:
             raise ValueError(f"expected HOST:PORT, {_got(item)}")
-        host = text(host) or "0.0.0.0"
+        host = text(host)
         port = integer(0, 65535)(port)
+        if not host:
+            raise ValueError(
+                f'expected a host ("0.0.0.0" or "::" for every interface), {_got(item)}'
+            )
         if not _is_host(host):
             raise ValueError(f"expected an IP address or host name, {_got(host)}")
         return cls(host, port)
@@ -221,7 +230,12 @@ def _is_host(host: str) -> bool:
         return True
     except ValueError:
         labels = host.rstrip(".").split(".")
-        return all(lbl and len(lbl) < 64 and lbl.replace("-", "").isalnum() for lbl in labels)
+        # All digits ("0", "10.1"): an address written short, which getaddrinfo would
+        # take (as 0.0.0.0, 10.0.0.1), not a name.
+        return not all(lbl.isdigit() for lbl in labels) and all(
+            lbl and len(lbl) < 64 and lbl.replace("-", "").isalnum() and lbl.isascii()
+            for lbl in labels
+        )
 
 
 @dataclass(frozen=True)
@@ -298,7 +312,8 @@ class Config:
     listen: tuple[Address, ...] = setting(
         ["127.0.0.1:1234"],
         addresses,
-        'addresses to listen on, "HOST:PORT" or "[IPV6]:PORT"; port 0 picks a free one',
+        'addresses to listen on, "HOST:PORT" or "[IPV6]:PORT" (one, or a list); '
+        '"0.0.0.0" or "::" for every interface, never implied; port 0 picks a free one',
         reload=False,
     )
     header_length: int = setting(

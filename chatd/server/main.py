@@ -50,6 +50,13 @@ def parser() -> argparse.ArgumentParser:
         help="serve the admin control socket at PATH (overrides control.socket)",
     )
     p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        help="listen on HOST:PORT instead of the config's listen (repeatable; kept over "
+        "reloads); [V6]:PORT for IPv6",
+    )
+    p.add_argument(
         "--state-file",
         metavar="PATH",
         help="keep bans in PATH (overrides state_file)",
@@ -70,7 +77,8 @@ def load_config(path: str | None) -> tuple[config.Config, str | None]:
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Settings given on the command line, as dotted keys (paths made absolute)."""
     given = {"control.socket": args.control_socket, "state_file": args.state_file}
-    return {key: os.path.abspath(value) for key, value in given.items() if value}
+    paths = {key: os.path.abspath(value) for key, value in given.items() if value}
+    return {**paths, "listen": args.listen} if args.listen else paths
 
 
 def main(argv: list[str] | None = None) -> int:
