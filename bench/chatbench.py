@@ -18,8 +18,9 @@ Scenarios:
   d  join storm: 2,000 clients connect and register, 10 and 100 in flight
 
 The daemon runs with its default configuration (log level info, JSON message
-events with text) but for a port of 0, a max_clients of 11,000 and 127.0.0.1
-exempt from flood control; its stdout is read and discarded by a thread of this
+events with text) but for a port of 0, a max_clients of 11,000, 127.0.0.1
+exempt from flood control and the per-address limits, and max_handshakes 20,000;
+its stdout is read and discarded by a thread of this
 process, as journald would read it.
 Results: a table on stdout and a JSON file under bench/results/.
 """
@@ -90,6 +91,9 @@ class Daemon:
             # Every client comes from 127.0.0.1: flood control (on by default,
             # 10 messages/s) would measure the limit, not the relay.
             "flood": {"exempt": ["127.0.0.1"]},
+            # And from one address: the per-address limits would measure themselves.
+            "address_exempt": ["127.0.0.1"],
+            "max_handshakes": 20000,
             "log": {"format": "json"},
         }
         cfg.update(extra or {})
@@ -940,7 +944,8 @@ def main(argv: list[str] | None = None) -> int:
             else "one core: no pinning"
         ),
         "chatd_config": "defaults (log level info, JSON, message text logged) except "
-        "listen 127.0.0.1:0, max_clients 11000, flood.exempt [127.0.0.1]; "
+        "listen 127.0.0.1:0, max_clients 11000, flood.exempt and address_exempt "
+        "[127.0.0.1], max_handshakes 20000; "
         "stdout read and discarded",
         "note": "other work on this machine may share its cores: figures are medians over rounds",
         "scenarios": {},

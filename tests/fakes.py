@@ -32,6 +32,7 @@ class FakeMember:
     since: float
     port: int = 40000
     name: str = ""
+    address: str = ""
     state: str = HANDSHAKE
     last_active: float = 0.0
     messages: int = 0

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 from crowd import Crowd, raise_nofile
-from helpers import NOTICE, Bystanders, Client, Daemon, frame
+from helpers import CROWD, NOTICE, Bystanders, Client, Daemon, frame
 
 # Daemon RSS bounds (KiB), stated here and in the README.
 NEVER_READER_GROWTH_KIB = 16 * 1024  # while 50 MB pass a client that reads nothing
@@ -231,8 +231,9 @@ def test_names(daemon_by: tuple[Daemon, Bystanders], name: bytes, why: str) -> N
     by.check()
 
 
-def test_a_hundred_resets_in_the_middle_of_a_frame(daemon_by: tuple[Daemon, Bystanders]) -> None:
-    daemon, by = daemon_by
+def test_a_hundred_resets_in_the_middle_of_a_frame(start: Callable[..., Daemon]) -> None:
+    daemon = start({**QUICK_EXIT, **CROWD})
+    by = Bystanders(daemon)
     victims = []
     for i in range(100):
         c = Client(daemon.port)
@@ -324,7 +325,7 @@ def _crowd_broadcast(start: Callable[..., Daemon], n: int) -> int:
     # A crowd this size on a loaded machine can take seconds per thousand joins;
     # the handshake timeout is not what this test is about.
     settings = {"max_clients": n + 100, "handshake_timeout": 120, "log": {"messages": False}}
-    daemon = start({**QUICK_EXIT, **settings})
+    daemon = start({**QUICK_EXIT, **CROWD, **settings})
     by = Bystanders(daemon)
     crowd = Crowd(daemon.port)
     try:

@@ -290,7 +290,7 @@ def test_an_overlong_request_line_is_refused(daemon: Daemon) -> None:
 
 def test_silent_and_non_reading_admins_do_not_stall_the_chat(daemon: Daemon) -> None:
     alice = daemon.client("alice")
-    bob = daemon.client("bob")
+    bob = daemon.client("bob", source="127.0.0.2")  # a flood bucket of his own
     alice.expect(NOTICE, "bob joined")
     silent = daemon.admin()
     greedy = daemon.admin()

@@ -110,7 +110,7 @@ def test_bans_table_and_json(daemon: Daemon) -> None:
     lines = daemon.ctl("bans").stdout.splitlines()
     assert lines[0].split() == ["TARGET", "KIND", "EXPIRES", "LEFT", "SINCE", "BY", "UID", "REASON"]
     assert lines[1].split()[:3] == ["eve", "name", "never"] and lines[1].endswith("spam")
-    assert lines[2].split()[:2] == ["10.0.0.0/8", "address"] and lines[2].split()[4] in (
+    assert lines[2].split()[:2] == ["10.0.0.0/8", "address"] and lines[2].split()[5] in (
         "1h59m",
         "2h00m",
     )

@@ -89,9 +89,9 @@ def test_the_server_full_and_per_address_limits_free_up_when_someone_goes() -> N
     b = r.connect("10.0.0.2")
     full = r.connect("10.0.0.3")
     assert full.pairs() == [(NOTICE_SENDER, "the server is full, try again later")]
-    assert r.chat.places == 2
+    assert r.chat.admission.places == 2
     r.chat.drop(a, "quit")
-    assert r.chat.places == 1
+    assert r.chat.admission.places == 1
     again = r.connect("10.0.0.1")
     assert again.closed is None and b.closed is None
 
@@ -558,3 +558,75 @@ def test_bidi_controls_and_separators_in_messages_are_refused_to_the_sender() ->
         "U+202E RIGHT-TO-LEFT OVERRIDE, which reorder what the others see",
         "message not sent: messages may not contain line or paragraph separators (U+2028, U+2029)",
     ]
+
+
+# One address cannot take every slot, nor escape flood control.
+
+
+def test_an_ipv6_host_counts_as_its_64() -> None:
+    r = Room(max_per_address=2)
+    r.connect("2001:db8::1")
+    r.connect("2001:db8::ffff:2")
+    third = r.connect("2001:db8:0:0:1::3")
+    assert third.pairs() == [
+        (NOTICE_SENDER, "too many connections from 2001:db8::/64, try again later")
+    ]
+    assert r.connect("2001:db8:0:1::1").closed is None  # another /64
+    assert r.connect("::ffff:10.0.0.1").address == "10.0.0.1"
+
+
+def test_connections_without_a_name_are_limited_per_address_and_in_total() -> None:
+    r = Room(max_handshakes_per_address=2, max_handshakes=100)
+    a, b = r.connect("10.0.0.1"), r.connect("10.0.0.1")
+    assert last_notice(r.connect("10.0.0.1")) == (
+        "too many connections from 10.0.0.1, try again later"
+    )
+    r.chat.name_received(a, "alice")  # a joined user holds no handshake
+    assert r.connect("10.0.0.1").closed is None
+    r.chat.drop(b, "quit")
+    assert r.connect("10.0.0.1").closed is None
+    assert r.chat.admission.handshakes == 2
+
+
+def test_past_half_the_handshakes_newcomers_are_dropped_at_random_then_all() -> None:
+    r = Room(max_handshakes=10, max_per_address=0, max_handshakes_per_address=100)
+    rolls = iter([0.99, 0.0])  # lucky, then not
+    r.chat.admission.rng = lambda: next(rolls)
+    waiting = [r.connect() for _ in range(5)]  # half: no roll
+    assert all(m.closed is None for m in waiting)
+    assert r.connect().closed is None  # the 6th rolled 0.99 against 1/6
+    dropped = r.connect()  # the 7th rolled 0.0
+    assert dropped.pairs() == [
+        (NOTICE_SENDER, "too many connections are joining, try again in a moment")
+    ]
+    assert r.chat.stats.rejected == {"too many joining": 1}
+    r.chat.admission.rng = lambda: 1.0  # never unlucky, but past the full count
+    for _ in range(4):
+        r.connect()
+    assert last_notice(r.connect()) == ("too many connections are joining, try again in a moment")
+    for m in waiting:  # they join: room again
+        r.chat.name_received(m, f"u{id(m)}")
+    assert r.connect().closed is None
+
+
+def test_address_exempt_lifts_the_per_address_limits_not_the_totals() -> None:
+    r = Room(max_per_address=1, max_clients=3, address_exempt=["10.9.0.0/16"])
+    assert [r.connect("10.9.0.1").closed for _ in range(3)] == [None, None, None]
+    assert last_notice(r.connect("10.9.0.1")) == "the server is full, try again later"
+
+
+def test_the_connections_of_one_address_share_one_flood_bucket() -> None:
+    r = Room(flood={"rate": 1, "burst": 2, "max_dropped": 0})
+    a1, a2 = r.join("a1", "10.0.0.1"), r.join("a2", "10.0.0.1")
+    other = r.join("b", "10.0.0.2")
+    assert a1.bucket is a2.bucket and a1.bucket is not other.bucket
+    r.say(a1, "one")
+    r.say(a2, "two")
+    r.say(a2, "three")  # the address's burst is spent
+    assert (a1.dropped, a2.dropped) == (0, 1)
+    r.say(other, "its own")
+    assert other.dropped == 0
+    r.chat.drop(a1, "quit")
+    r.chat.drop(a2, "quit")
+    fresh = r.join("a3", "10.0.0.1")  # the last one gone, the bucket went with it
+    assert fresh.bucket is not None and fresh.bucket.tokens == 2

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from helpers import NOTICE, Client, Daemon, frame
+from helpers import CROWD, NOTICE, Client, Daemon, frame
 
 
 def test_broadcast_reaches_everyone_but_the_sender(daemon: Daemon) -> None:
@@ -276,7 +276,7 @@ def test_other_header_length(start: Callable[..., Daemon]) -> None:
 def test_notices_are_cut_to_fit_a_short_header(start: Callable[..., Daemon]) -> None:
     # With 3-byte headers a frame holds 999 bytes: the welcome and /who in a
     # room of 40 long names, or a notice quoting a long message, must fit.
-    daemon = start({"header_length": 3, "max_message_bytes": 999})
+    daemon = start({"header_length": 3, "max_message_bytes": 999, **CROWD})
     members = [Client(daemon.port, header_length=3) for _ in range(40)]
     for i, m in enumerate(members):
         welcome = m.join(f"member-with-a-long-name-{i:02}")[0][1]

@@ -46,7 +46,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, B
             "handshake_timeout": 1,
             "shutdown_grace": 0.5,
             "max_message_bytes": 2000,
-            "flood": {"rate": 20, "burst": 3, "max_dropped": 4, "exempt": ["127.0.0.1"]},
+            "flood": {"rate": 20, "burst": 3, "max_dropped": 4, "exempt": ["127.0.0.3"]},
             "log": {"messages": False},
         },
     )

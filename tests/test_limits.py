@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 from crowd import Crowd
-from helpers import NOTICE, Bystanders, Client, Daemon, frame
+from helpers import CROWD, NOTICE, Bystanders, Client, Daemon, frame
 
 
 def burst(n: int, prefix: str = "m") -> bytes:
@@ -140,20 +140,23 @@ def test_flood_settings_are_reloaded(start: Callable[..., Daemon]) -> None:
 
 
 def test_max_per_address(start: Callable[..., Daemon]) -> None:
-    daemon = start({"max_per_address": 3})
-    by = Bystanders(daemon)  # two of the three places
-    third = daemon.client("third")
-    fourth = Client(daemon.port)
-    assert fourth.expect_closed() == [
+    daemon = start({"max_per_address": 2, "address_exempt": ["127.0.0.3"]})
+    by = Bystanders(daemon)  # from an address of their own
+    one = daemon.client("one")
+    two = daemon.client("two")
+    over = Client(daemon.port)
+    assert over.expect_closed() == [
         (NOTICE, "too many connections from 127.0.0.1, try again later")
     ]
     daemon.wait_for("rejected", reason="too many from address")
     # Rejected and refused connections do not hold a place.
     for _ in range(3):
         Client(daemon.port).expect_closed()
-    third.close()
-    daemon.wait_for("leave", user="third")
-    by.check()  # its newcomer takes the free place
+    two.close()
+    daemon.wait_for("leave", user="two")
+    again = daemon.client("again")  # takes the free place
+    assert one and again
+    by.check()
     # Raised by a reload.
     reload(daemon, {"max_per_address": 0})
     extra = [daemon.client(f"extra{i}") for i in range(3)]
@@ -215,7 +218,8 @@ def test_handshake_timeout_is_reloaded_for_pending_connections_too(
     assert late.recv()[1].startswith("welcome, late")
 
 
-def test_the_welcome_in_a_big_room_is_bounded(daemon: Daemon) -> None:
+def test_the_welcome_in_a_big_room_is_bounded(start: Callable[..., Daemon]) -> None:
+    daemon = start(CROWD)
     crowd = Crowd(daemon.port, prefix="a-rather-long-user-name-")
     try:
         crowd.join(150)
@@ -230,3 +234,40 @@ def test_the_welcome_in_a_big_room_is_bounded(daemon: Daemon) -> None:
         assert 100 < len(shown) < 150
     finally:
         crowd.close()
+
+
+def test_one_address_cannot_take_every_slot_with_connections_that_never_join(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start({"handshake_timeout": 30})
+    hogs = []
+    for _ in range(200):  # a script from one address, never sending a name
+        hogs.append(Client(daemon.port))
+    deadline = time.monotonic() + 20
+    while len(daemon.find("rejected", reason="too many from address")) < 192:
+        assert time.monotonic() < deadline, "the hogs were not refused"
+        time.sleep(0.05)
+    for i in range(10):  # real users, on other addresses, get in at once
+        user = Client(daemon.port, source=f"127.0.1.{i + 1}")
+        user.join(f"user{i}")
+    assert len(daemon.find("rejected", reason="too many from address")) == 192  # 8 wait
+    assert len(hogs) == 200
+
+
+def test_more_connections_from_one_address_do_not_send_more(start: Callable[..., Daemon]) -> None:
+    daemon = start({"flood": {"rate": 0.1, "burst": 4, "max_dropped": 0}})
+    alice, bob = daemon.client("alice"), daemon.client("bob")  # both on 127.0.0.1
+    watcher = daemon.client("watcher", source="127.0.0.2")
+    for i in range(3):
+        alice.send(f"a{i}")
+        bob.send(f"b{i}")
+    got = []
+    while len(got) < 5:
+        try:
+            sender, text = watcher.recv(timeout=1.0)
+        except TimeoutError:
+            break
+        if sender != NOTICE:
+            got.append(text)
+    assert len(got) == 4, got  # the address's burst of 4, shared, then nothing
+    assert len(daemon.find("flood")) >= 1

@@ -62,6 +62,7 @@ OUTCOMES: dict[str, Outcome] = {
     notices.NAME_BANNED.kind: Outcome(BANNED, retry=False),
     notices.ADDRESS_BANNED.kind: Outcome(BANNED, retry=False),
     notices.SERVER_FULL.kind: Outcome(DISCONNECTED, retry=True),
+    notices.SERVER_BUSY.kind: Outcome(DISCONNECTED, retry=True),
     notices.TOO_MANY_FROM_ADDRESS.kind: Outcome(DISCONNECTED, retry=True),
     notices.HANDSHAKE_TIMEOUT.kind: Outcome(DISCONNECTED, retry=True),
     notices.PROTOCOL_ERROR.kind: Outcome(

@@ -17,6 +17,7 @@ import structlog
 
 from chatd.core import commands
 from chatd.core.addresses import IPNetwork, in_networks
+from chatd.core.admission import Admission
 from chatd.core.bans import Ban, Bans, StateError
 from chatd.core.names import list_bytes, name_problem, script_problem
 from chatd.core.room import Room
@@ -41,6 +42,7 @@ class Member(Protocol):
     state: str
     peer: str  # "HOST:PORT", for logs and chatctl list
     peer_host: str
+    address: str  # what it counts against (its address, an IPv6 one's /64)
     since: float  # wall-clock time of the connect
     accepted: float  # monotonic time of the connect
     last_active: float  # monotonic time of the last read
@@ -80,6 +82,12 @@ class Settings(Protocol):
     def max_clients(self) -> int: ...
     @property
     def max_per_address(self) -> int: ...
+    @property
+    def max_handshakes(self) -> int: ...
+    @property
+    def max_handshakes_per_address(self) -> int: ...
+    @property
+    def address_exempt(self) -> tuple[IPNetwork, ...]: ...
     @property
     def handshake_timeout(self) -> float: ...
     @property
@@ -133,8 +141,7 @@ class Chat:
         self.bans = Bans()
         self.stats = Stats()
         self.stopping = False
-        self.places = 0  # connections holding a place (not refused, not gone)
-        self._per_address: dict[str, int] = {}  # peer address -> places it holds
+        self.admission = Admission(settings)
         self._notices_due = 0.0  # notices alone wait until then (see flush)
         self.holding = False  # notices are queued, waiting for _notices_due
         self._idle_sweep_id = 0  # the current idle sweep; older ones stop
@@ -149,24 +156,20 @@ class Chat:
 
     def admit(self, m: Member) -> bool:
         """A new connection: give it a place, or refuse it with the reason; True if admitted."""
-        cfg = self.settings
         self.stats.connections += 1
-        self.places += 1
-        host = m.peer_host
-        same_host = self._per_address[host] = self._per_address.get(host, 0) + 1
-        if self.places > cfg.max_clients:
-            self.reject(m, "server full", notices.SERVER_FULL())
+        refusal = self.admission.enter(m, self.host.now())
+        if refusal is not None and refusal[0] == "server full":
+            self.reject(m, *refusal)
             return False
         if self.bans.has_address_bans:
-            ban = self.bans.match_address(host, self.host.wall())
+            ban = self.bans.match_address(m.peer_host, self.host.wall())
             if ban is not None:
                 self.reject(m, "banned", notices.ADDRESS_BANNED(terms=ban.terms()), ban=ban.target)
                 return False
-        if cfg.max_per_address and same_host > cfg.max_per_address:
-            self.reject(m, "too many from address", notices.TOO_MANY_FROM_ADDRESS(host=host))
+        if refusal is not None:
+            self.reject(m, *refusal)
             return False
-        m.bucket = self._bucket(host)
-        self.host.call_at(m.accepted + cfg.handshake_timeout, self._handshake_expired, m)
+        self.host.call_at(m.accepted + self.settings.handshake_timeout, self._handshake_expired, m)
         return True
 
     def name_received(self, m: Member, name: str) -> None:
@@ -196,6 +199,7 @@ class Chat:
             return
         m.name = name
         m.state = JOINED
+        self.admission.joined(m)
         room.join(m)
         self.stats.peak_users = max(self.stats.peak_users, len(room))
         self.host.users_changed()
@@ -283,13 +287,7 @@ class Chat:
             return None
         return self._notices_due if self.holding and room.notices_only else 0.0
 
-    # Flood control.
-
-    def _bucket(self, host: str) -> TokenBucket | None:
-        flood = self.settings.flood
-        if flood.rate <= 0 or in_networks(host, flood.exempt):
-            return None
-        return TokenBucket(flood.rate, flood.burst, self.host.now())
+    # Flood control (the bucket is the address's: admission.py).
 
     def _flooding(self, m: Member) -> None:
         """``m`` sent a message with no token left: drop it, with a logged reason."""
@@ -384,14 +382,8 @@ class Chat:
         self._gone(m, notice)
 
     def _gone(self, m: Member, notice: str | None) -> None:
+        self.admission.leave(m, handshaking=m.state is HANDSHAKE)
         m.state = GONE
-        self.places -= 1
-        host = m.peer_host
-        left = self._per_address[host] - 1
-        if left:
-            self._per_address[host] = left
-        else:
-            del self._per_address[host]
         self.host.close(m, None if notice is None else self.room.frame(NOTICE_SENDER, notice))
 
     def stop(self) -> None:
@@ -408,18 +400,14 @@ class Chat:
         """Switch to new settings (a reload); members' buckets and timers follow."""
         old = self.settings
         self.settings = settings
+        self.admission.reconfigure(settings)
         flood = settings.flood
         for m in self.host.members():
             if m.state is GONE:
                 continue
             limited = flood.rate > 0 and not in_networks(m.peer_host, flood.exempt)
-            if not limited:
-                m.bucket = None
-            elif m.bucket is None:
-                m.bucket = TokenBucket(flood.rate, flood.burst, self.host.now())
-            else:
-                m.bucket.rate = flood.rate
-                m.bucket.burst = float(flood.burst)
+            if limited is (m.bucket is None):
+                self.admission.rebucket(m, self.host.now())
             if m.state is HANDSHAKE and settings.handshake_timeout < old.handshake_timeout:
                 # Its timer is set for the old, later time.
                 due = m.accepted + settings.handshake_timeout

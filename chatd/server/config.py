@@ -333,7 +333,27 @@ class Config:
     )
     max_clients: int = setting(10000, integer(1, 1_000_000), "connections served at once")
     max_per_address: int = setting(
-        0, integer(0, 1_000_000), "connections served at once from one IP address (0: no limit)"
+        16,
+        integer(0, 1_000_000),
+        "connections served at once from one IP address, an IPv6 one counted as its /64 "
+        "(0: no limit)",
+    )
+    max_handshakes: int = setting(
+        512,
+        integer(2, 1_000_000),
+        "connections at once that have not sent a name; past half of it a new one is "
+        "dropped at random, the likelier the fuller",
+    )
+    max_handshakes_per_address: int = setting(
+        8,
+        integer(1, 1_000_000),
+        "connections at once from one IP address (or IPv6 /64) that have not sent a name",
+    )
+    address_exempt: tuple[Network, ...] = setting(
+        [],
+        networks,
+        "IP addresses or networks that max_per_address and max_handshakes_per_address do "
+        "not limit (a NAT'ed LAN, a bot)",
     )
     idle_timeout: float = setting(
         0.0,

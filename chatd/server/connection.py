@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 class Connection(Outbox):
     __slots__ = (
         "accepted",
+        "address",
         "bucket",
         "bytes_in",
         "decoder",
@@ -45,6 +46,7 @@ class Connection(Outbox):
         self.server = server
         self.peer_host: str = peer[0]
         self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        self.address = self.peer_host  # what it counts against: set by the chat
         self.name = ""
         self.state = HANDSHAKE
         cfg = server.config

@@ -77,6 +77,9 @@ ADDRESS_BANNED = _notice(
     "address_banned", "connection refused: your address is banned{terms}", ends=True
 )
 SERVER_FULL = _notice("server_full", "the server is full, try again later", ends=True)
+SERVER_BUSY = _notice(
+    "server_busy", "too many connections are joining, try again in a moment", ends=True
+)
 TOO_MANY_FROM_ADDRESS = _notice(
     "too_many_from_address", "too many connections from {host}, try again later", ends=True
 )
