@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -656,7 +657,8 @@ def test_daemon_mode_refuses_a_live_socket_before_detaching(daemon: Daemon, tmp_
         "control": {"socket": daemon.control_path},
         "state_file": str(tmp_path / "state.json"),
     }
-    r = run_chatd_with(tmp_path, settings, "--daemon", "--pidfile", pidfile)
+    as_root = ["--allow-root"] if os.geteuid() == 0 else []
+    r = run_chatd_with(tmp_path, settings, "--daemon", *as_root, "--pidfile", pidfile)
     assert (r.returncode, r.stderr) == (
         1,
         f"chatd: error: control socket {daemon.control_path} is live: another chatd is running\n",
@@ -805,3 +807,126 @@ def test_chatctl_names_the_zone_of_every_time_it_prints(daemon: Daemon) -> None:
     assert re.search(r" E[SD]T ", r.stdout), r.stdout
     assert daemon.result("bans")["bans"][0]["expires"].endswith("Z")  # JSON stays UTC
     assert kept
+
+
+# Hardening (a hostile review): the socket's directory, request floods, edge cases.
+
+
+@root_only
+def test_a_socket_directory_another_user_owns_is_refused(tmp_path: Path, public_dir: Path) -> None:
+    theirs = public_dir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)  # they could swap the socket for a link
+    r = run_chatd_with(tmp_path, {"control": {"socket": str(theirs / "admin.sock")}})
+    assert r.returncode == 1
+    assert r.stderr == (
+        f"chatd: error: control socket {theirs / 'admin.sock'} refused: {theirs} belongs "
+        f"to uid {NOBODY}, neither root nor chatd's user\n"
+    )
+    open_dir = public_dir / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    r = run_chatd_with(tmp_path, {"control": {"socket": str(open_dir / "admin.sock")}})
+    assert r.returncode == 1 and "is writable by others (mode 0777)" in r.stderr
+
+
+def test_a_sticky_shared_directory_is_fine_and_a_new_one_is_private(
+    start: Callable[..., Daemon], public_dir: Path
+) -> None:
+    sticky = public_dir / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # as /tmp: others cannot rename what is not theirs
+    d = start({"control": {"socket": str(sticky / "admin.sock")}})
+    assert d.result("list") == {"users": []}
+    d.stop()
+    made = public_dir / "new" / "dir"
+    d = start({"control": {"socket": str(made / "admin.sock")}})
+    assert stat.S_IMODE(os.stat(made).st_mode) == 0o750
+    assert d.result("list") == {"users": []}
+
+
+@root_only
+def test_a_state_directory_another_user_owns_is_refused_on_save(
+    start: Callable[..., Daemon], public_dir: Path
+) -> None:
+    theirs = public_dir / "state"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    d = start({"state_file": str(theirs / "state.json")})
+    reply = d.request("ban", target="eve")
+    assert reply["code"] == "failed"
+    assert reply["error"] == (
+        f"ban not applied: cannot write {theirs / 'state.json'}: {theirs} belongs to uid "
+        f"{NOBODY}, neither root nor chatd's user"
+    )
+
+
+def test_requests_that_are_not_quite_json_are_refused_and_the_next_is_answered(
+    daemon: Daemon,
+) -> None:
+    malformed = 'malformed request: expected one JSON object per line, {"cmd": ...}'
+    with daemon.admin() as a:
+        for line, why in [
+            (b"[" * 30000, " (nested too deeply)"),
+            (b'{"cmd": "list", "id": NaN}', " (NaN is not JSON)"),
+            (b'{"cmd": "list", "id": 1e400}', " (1e400 is not a finite number)"),
+            (b'{"cmd": "list", "id": -Infinity}', " (-Infinity is not JSON)"),
+        ]:
+            a.send_line(line)
+            reply = a.read_reply()
+            assert reply == {"ok": False, "error": malformed + why, "code": "bad_request"}
+            assert a.request({"cmd": "list", "id": 7}) == {"ok": True, "result": {"users": []},
+                                                           "id": 7}  # fmt: skip
+    assert not daemon.find("internal_error") and not daemon.find("control_internal_error")
+
+
+@pytest.mark.parametrize("size", [64 * 1024 + 1, 70_000, 120_000])
+def test_a_line_over_64_kib_is_refused_even_with_its_newline(daemon: Daemon, size: int) -> None:
+    with daemon.admin() as a:
+        a.send_line(b'{"cmd": "list", "id": "' + b"x" * (size - 24) + b'"}')
+        assert a.read_reply() == {
+            "ok": False,
+            "error": "request too long (at most 65536 bytes a line)",
+            "code": "bad_request",
+        }
+    with daemon.admin() as a:  # exactly the limit is fine
+        line = b'{"cmd": "list", "id": "' + b"x" * (64 * 1024 - 25) + b'"}'
+        assert len(line) == 64 * 1024
+        a.send_line(line)
+        assert a.read_reply()["ok"] is True
+
+
+@root_only
+def test_refused_peers_flood_neither_the_log_nor_the_admin_slots(
+    start: Callable[..., Daemon], public_dir: Path
+) -> None:
+    path = str(public_dir / "admin.sock")
+    d = start({"control": {"socket": path, "mode": "0666"}})
+
+    def flood() -> int:
+        connected = 0
+        for _ in range(300):
+            with contextlib.suppress(OSError):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(2)
+                s.connect(path)
+                connected += 1
+                s.close()
+        print(connected)
+        return 0
+
+    rc, out = as_user(flood)
+    assert rc == 0, out
+    connected = int(out)
+    assert connected > 100
+    for _ in range(6):  # root's chatctl is served meanwhile
+        assert d.ctl("stats").returncode == 0
+    time.sleep(1.2)
+    as_user(raw_list(path))  # one more, later: logged with the count left out
+    deadline = time.monotonic() + 5
+    while not any("suppressed" in e for e in d.find("control_denied")):
+        assert time.monotonic() < deadline, d.find("control_denied")[-3:]
+        time.sleep(0.05)
+    events = d.find("control_denied")
+    assert len(events) < 30  # a burst of 10, then about one a second
+    assert len(events) + sum(e.get("suppressed", 0) for e in events) == connected + 1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import NOTICE, Client, Daemon, run_chatd_with
@@ -264,3 +266,50 @@ def test_a_ban_time_past_any_calendar_is_refused(tmp_path: Path) -> None:
         tmp_path, {"control": {"socket": str(tmp_path / "admin.sock")}, "state_file": str(state)}
     )
     assert (r.returncode, r.stderr) == (1, f"chatd: error: cannot read {state}: ban 0: bad time\n")
+
+
+def _start_on(tmp_path: Path, bans: str) -> subprocess.CompletedProcess[str]:
+    state = tmp_path / "state.json"
+    state.write_text(f'{{"version": 1, "bans": [{bans}]}}' if bans.startswith("{") else bans)
+    return run_chatd_with(
+        tmp_path, {"control": {"socket": str(tmp_path / "admin.sock")}, "state_file": str(state)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("ban", "error"),
+    [
+        (
+            '{"kind": "name", "target": "eve", "reason": "spam\\u001b[2J\\nmore", "created": 0,'
+            ' "expires": null, "by": 0}',
+            "ban 0: bad reason 'spam\\x1b[2J\\nmore': control characters such as newlines or "
+            "escapes",
+        ),
+        (
+            '{"kind": "name", "target": "ev\\ne", "reason": "", "created": 0, "expires": null,'
+            ' "by": 0}',
+            "ban 0: bad name 'ev\\ne': the name contains a control character (U+000A)",
+        ),
+        ("[" * 100000, "not a chatd state file (nested too deeply)"),
+    ],
+    ids=["escape-in-reason", "newline-in-name", "deep"],
+)
+def test_a_hand_edited_state_file_is_checked_as_the_commands_check(
+    tmp_path: Path, ban: str, error: str
+) -> None:
+    r = _start_on(tmp_path, ban)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == f"chatd: error: cannot read {tmp_path / 'state.json'}: {error}\n"
+
+
+def test_an_address_written_another_way_is_lifted_either_way(start: Any, tmp_path: Path) -> None:
+    state = tmp_path / "kept.json"
+    for spelling in ("::ffff:127.0.0.2", "127.0.0.2"):
+        state.write_text(
+            '{"version": 1, "bans": [{"kind": "address", "target": "::ffff:127.0.0.2", '
+            '"reason": "", "created": 0, "expires": null, "by": 0}]}'
+        )
+        d = start({"state_file": str(state)})
+        assert d.result("bans")["bans"][0]["target"] == "127.0.0.2/32"
+        assert d.result("unban", target=spelling)["unbanned"]["target"] == "127.0.0.2/32"
+        d.stop()

@@ -123,7 +123,7 @@ def test_address_bans_are_normalised_and_lifted_by_either_spelling() -> None:
     d = FakeDaemon()
     assert d.result("ban", target="::ffff:10.0.0.7")["ban"]["target"] == "10.0.0.7/32"
     assert d.result("unban", target="10.0.0.7")["unbanned"]["kind"] == "address"
-    d.result("ban", target="10.1.2.3/24")
+    d.result("ban", target="::ffff:10.1.2.0/120")
     assert d.result("bans")["bans"][0]["target"] == "10.1.2.0/24"
 
 
@@ -185,3 +185,39 @@ def test_kick_takes_the_exact_name_and_points_at_a_look_alike() -> None:
         "no user named 'cope' is online ('\\u0441\\u043e\\u0440\\u0435' only looks like it)",
     )
     assert d.result("kick", name="\u0421\u041e\u0420\u0415")["kicked"] == "\u0441\u043e\u0440\u0435"
+
+
+WIDE = "ban: {} is wider than /{}, much of the Internet or everyone: to mean it, use --all"
+
+
+@pytest.mark.parametrize(
+    ("target", "error"),
+    [
+        (
+            "10.0.0.7/0",
+            "ban: 10.0.0.7/0 has host bits set: the network is 0.0.0.0/0; give that if you mean it",
+        ),
+        (
+            "10.1.2.3/24",
+            "ban: 10.1.2.3/24 has host bits set: the network is 10.1.2.0/24; "
+            "give that if you mean it",
+        ),
+        ("0.0.0.0/0", WIDE.format("0.0.0.0/0", 8)),
+        ("::ffff:0.0.0.0/96", WIDE.format("0.0.0.0/0", 8)),
+        ("2000::/15", WIDE.format("2000::/15", 16)),
+    ],
+)
+def test_a_network_is_banned_as_written_and_a_wide_one_only_when_meant(
+    target: str, error: str
+) -> None:
+    d = FakeDaemon()
+    d.room.join("bob")
+    assert d.error("ban", target=target) == ("bad_request", error)
+    assert len(d.chat.bans) == 0 and not d.room.host.saved
+
+
+def test_a_wide_ban_with_all_disconnects_everyone() -> None:
+    d = FakeDaemon()
+    d.room.join("bob", "10.1.1.1")
+    assert d.result("ban", target="0.0.0.0/0", all=True)["disconnected"] == ["bob"]
+    assert d.result("ban", target="10.0.0.0/8")["ban"]["target"] == "10.0.0.0/8"  # /8: fine

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +48,10 @@ def wait_until(what: str, check: Any, timeout: float = TIMEOUT) -> Any:
         time.sleep(0.02)
 
 
+# Run as root, the tests say they mean it (one test checks that chatd asks).
+AS_ROOT = ["--allow-root"] if os.geteuid() == 0 else []
+
+
 class Detached:
     """A `chatd --daemon` started by the test, found by its pidfile."""
 
@@ -66,7 +73,7 @@ class Detached:
         return run_chatd("-c", str(self.config_path), *extra)
 
     def daemonize(self) -> None:
-        r = self.start("--daemon", "--pidfile", str(self.pidfile))
+        r = self.start("--daemon", *AS_ROOT, "--pidfile", str(self.pidfile))
         assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
         # `chatd --daemon` returns once the daemon serves: no waiting needed.
         pid = self._live_pid()
@@ -141,7 +148,7 @@ def test_daemon_detaches_serves_reloads_and_stops(detached: Detached) -> None:
 
 def test_second_daemon_is_refused_while_the_first_runs(detached: Detached) -> None:
     detached.daemonize()
-    r = detached.start("--daemon", "--pidfile", str(detached.pidfile))
+    r = detached.start("--daemon", *AS_ROOT, "--pidfile", str(detached.pidfile))
     assert r.returncode == 1
     assert r.stderr == (
         f"chatd: error: chatd is already running (pid {detached.pid}, pidfile {detached.pidfile})\n"
@@ -163,7 +170,7 @@ def test_stale_pidfile_is_taken_over(detached: Detached) -> None:
 
 def test_daemon_without_a_log_file_is_refused(tmp_path: Path) -> None:
     d = Detached(tmp_path, {"log": {"format": "json"}})
-    r = d.start("--daemon", "--pidfile", str(d.pidfile))
+    r = d.start("--daemon", *AS_ROOT, "--pidfile", str(d.pidfile))
     assert r.returncode == 2
     assert r.stderr == (
         "chatd: error: --daemon needs log.file in the config (a daemon has no terminal)\n"
@@ -179,7 +186,7 @@ def test_daemon_reports_a_taken_address_before_detaching(detached: Detached) -> 
         detached.config_path.write_text(
             yaml.safe_dump({**detached.config, "listen": [f"127.0.0.1:{port}"]})
         )
-        r = detached.start("--daemon", "--pidfile", str(detached.pidfile))
+        r = detached.start("--daemon", *AS_ROOT, "--pidfile", str(detached.pidfile))
     assert r.returncode == 1
     assert r.stderr == f"chatd: error: cannot listen on 127.0.0.1:{port}: address already in use\n"
     assert not detached.pidfile.exists()
@@ -276,9 +283,56 @@ def test_failure_after_detaching_is_reported_by_the_command(detached: Detached) 
     # A corrupt state file is found only by the daemon, once detached.
     state = Path(detached.config["state_file"])
     state.write_text("{not json")
-    r = detached.start("--daemon", "--pidfile", str(detached.pidfile))
+    r = detached.start("--daemon", *AS_ROOT, "--pidfile", str(detached.pidfile))
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr.startswith(f"chatd: error: cannot read {state}: not a chatd state file")
     assert r.stderr.count("\n") == 1
     assert not detached.pidfile.exists()
     assert r.stderr in detached.log_path.read_text()
+
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="dropping root needs root")
+NOBODY = 65534
+
+
+@root_only
+def test_as_root_the_daemon_asks_whom_to_serve_as(detached: Detached) -> None:
+    r = detached.start("--daemon", "--pidfile", str(detached.pidfile))
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (
+        "chatd: error: --daemon would serve as root: give --user USER (daemon.user), or "
+        "--allow-root to mean it\n"
+    )
+    assert not detached.pidfile.exists()
+    r = detached.start("--daemon", "--user", "no-such-user", "--pidfile", str(detached.pidfile))
+    assert (r.returncode, r.stderr) == (2, "chatd: error: --user: no user 'no-such-user'\n")
+    r = run_chatd("--user", "nobody")
+    assert r.returncode == 2 and r.stderr.endswith("chatd: error: --user needs --daemon\n")
+
+
+@root_only
+def test_the_daemon_drops_root_once_bound_and_keeps_its_files(tmp_path: Path) -> None:
+    public = Path(tempfile.mkdtemp(prefix="chatd-test-"))  # reachable by nobody
+    public.chmod(0o755)
+    d = Detached(public, {"state_file": str(public / "state" / "state.json")})
+    try:
+        r = d.start("--daemon", "--user", "nobody", "--pidfile", str(tmp_path / "chatd.pid"))
+        assert (r.returncode, r.stderr) == (0, "")
+        d.pidfile = tmp_path / "chatd.pid"
+        d.pid = int(d.pidfile.read_text())
+        status = Path(f"/proc/{d.pid}/status").read_text()
+        assert re.search(rf"^Uid:\s+{NOBODY}\s+{NOBODY}\s+{NOBODY}\s", status, re.M), status
+        assert re.search(r"^Groups:\s+\d+\s*$", status, re.M)  # its group alone
+        d.wait_for("serving_as", user="nobody", uid=NOBODY)
+        with socket.socket(socket.AF_UNIX) as s:  # root, as admins do, asks for a ban
+            s.connect(str(public / "admin.sock"))
+            s.sendall(b'{"cmd": "ban", "args": {"target": "eve"}}\n')
+            assert b'"ok": true' in s.recv(65536)
+        assert os.stat(public / "state" / "state.json").st_uid == NOBODY  # saved as nobody
+        os.kill(d.pid, signal.SIGHUP)
+        d.wait_for("reload")  # the log file, reopened as nobody
+        os.kill(d.pid, signal.SIGTERM)
+        wait_until("the daemon to exit", lambda: not alive(d.pid))
+    finally:
+        d.kill()
+        shutil.rmtree(public, ignore_errors=True)

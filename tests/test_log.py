@@ -127,3 +127,14 @@ def test_a_log_that_cannot_be_written_does_not_stop_the_daemon(daemon: Daemon) -
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.stderr
     assert "cannot write the log" in daemon.stderr
+
+
+def test_the_console_format_escapes_what_a_terminal_would_act_on() -> None:
+    out = io.StringIO()
+    log.configure(LogConfig(format="console", level="info", messages=True), stream=out)
+    log.get().info("rejected", reason="bad name", name="\x1b]0;owned\x07\u202e")
+    line = out.getvalue()
+    assert "\x1b" not in line and "\x07" not in line and "\u202e" not in line
+    assert "\\x1b]0;owned\\x07\\u202e" in line
+    log.hot("message", user="\x1b[2Jbob", text="hi")  # the hot path on a console too
+    assert "\x1b" not in out.getvalue()

@@ -289,3 +289,35 @@ def test_a_failing_fan_out_stage_is_logged_and_the_chat_goes_on(
 
     running.talk(talk)
     assert [e["stage"] for e in logs if e["event"] == "internal_error"] == ["_fan_out"]
+
+
+def test_an_admin_request_flood_is_answered_sixteen_a_pass(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chatd.server import control
+
+    per_pass: dict[int, int] = {}
+    real = control.handle
+
+    def counting(*args: Any) -> Any:
+        passes = running.server.loop.passes
+        per_pass[passes] = per_pass.get(passes, 0) + 1
+        return real(*args)
+
+    monkeypatch.setattr(control, "handle", counting)
+    path = running.server.control.path
+
+    def flood() -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(b"{}\n" * 4000)
+        got = 0
+        while got < 4000:
+            got += s.recv(1 << 20).count(b"\n")
+        s.close()
+
+    running.talk(flood, timeout=20)
+    assert sum(per_pass.values()) == 4000
+    assert max(per_pass.values()) == 16  # the chat gets its turn between
+    assert len(per_pass) >= 250

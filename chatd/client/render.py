@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from chatd.wire.chat import read_sender
+from chatd.wire.chat import escape, read_sender
 
 
 @dataclass(frozen=True)
@@ -98,20 +98,11 @@ def as_json(event: Event) -> str:
 # server): controls would drive the terminal, separators and bidi controls forge or
 # reorder lines.  A tab is fine.
 _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(m: re.Match[str]) -> str:
-    code = ord(m.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+safe = escape
 
 
 def _json_escape(m: re.Match[str]) -> str:
     return f"\\u{ord(m.group()):04x}"
-
-
-def safe(text: str) -> str:
-    """``text`` with what a terminal would act on written as escapes (``\\x1b``)."""
-    return _UNSAFE.sub(_escape, text) if _UNSAFE.search(text) else text
 
 
 def styled(event: Event) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ for its log event.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from chatd.core.addresses import parse_network
+from chatd.core.addresses import IPNetwork, parse_network
 from chatd.core.bans import Ban, StateError
 from chatd.core.chat import Chat
 from chatd.core.names import name_problem
@@ -218,6 +219,8 @@ def _target(cmd: str, args: dict[str, Any], max_name_bytes: int) -> tuple[str, s
             raise RequestError(
                 BAD_REQUEST, f"{cmd}: not an IP address or network (CIDR): {target!r}"
             )
+        if cmd == "ban":
+            _check_network(target, net, bool(args.get("all")))
         return kind, str(net)
     if kind != "name":
         raise RequestError(BAD_REQUEST, f"{cmd}: kind must be name or address, got {kind!r}")
@@ -225,6 +228,28 @@ def _target(cmd: str, args: dict[str, Any], max_name_bytes: int) -> tuple[str, s
     if problem:
         raise RequestError(BAD_REQUEST, f"{cmd}: not a user name: {problem}")
     return kind, target
+
+
+WIDE_PREFIX = {4: 8, 6: 16}  # a ban of a network wider than this needs "all"
+
+
+def _check_network(target: str, net: IPNetwork, confirmed: bool) -> None:
+    """A network banned as written: no host bits silently dropped (10.0.0.7/0 is not
+    10.0.0.7), and a very wide one only when the admin says so."""
+    if "/" in target:
+        try:
+            ipaddress.ip_network(target.split("%", 1)[0], strict=True)
+        except ValueError:
+            raise RequestError(
+                BAD_REQUEST,
+                f"ban: {target} has host bits set: the network is {net}; give that if you mean it",
+            ) from None
+    if net.prefixlen < WIDE_PREFIX[net.version] and not confirmed:
+        raise RequestError(
+            BAD_REQUEST,
+            f"ban: {net} is wider than /{WIDE_PREFIX[net.version]}, much of the Internet "
+            "or everyone: to mean it, use --all",
+        )
 
 
 @command("ban")

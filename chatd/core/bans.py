@@ -11,16 +11,19 @@ its state file (server/state.py writes it); a document that does not check out i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from chatd.core.addresses import IPNetwork, parse_network, peer_address
-from chatd.core.names import name_keys
+from chatd.core.names import name_keys, name_problem
+from chatd.wire.chat import text_problem
 from chatd.wire.notices import utc
 
 STATE_VERSION = 1
 MAX_TIME = 2**37  # seconds since the epoch: the year 6325, within what gmtime() shows
 _FIELDS = ("kind", "target", "reason", "created", "expires", "by")
+MAX_REASON = 1024  # characters, as the control commands take
+MAX_NAME_BYTES = 1024  # a name ban may name more than today's max_name_bytes
 
 
 class StateError(Exception):
@@ -145,8 +148,7 @@ class Bans:
             try:
                 if not isinstance(item, dict) or set(item) != set(_FIELDS):
                     raise ValueError(f"expected an object with the fields {', '.join(_FIELDS)}")
-                ban = Ban(**item)
-                _check_ban(ban)
+                ban = _checked(Ban(**item))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"ban {i}: {e}") from None
             if not ban.expired(now):
@@ -155,15 +157,28 @@ class Bans:
         return bans
 
 
-def _check_ban(ban: Ban) -> None:
+def _checked(ban: Ban) -> Ban:
+    """``ban`` if it is one the control commands could have made (an address target in
+    the form they give it); raises ValueError saying what is wrong."""
     if ban.kind not in ("name", "address") or not isinstance(ban.target, str) or not ban.target:
         raise ValueError("expected kind name or address and a target")
-    if ban.kind == "address" and parse_network(ban.target) is None:
-        raise ValueError(f"bad network {ban.target!r}")
-    if not isinstance(ban.reason, str) or not isinstance(ban.by, int):
+    if ban.kind == "address":
+        net = parse_network(ban.target)
+        if net is None:
+            raise ValueError(f"bad network {ban.target!r}")
+        ban = replace(ban, target=str(net))  # ::ffff:10.0.0.1 is 10.0.0.1/32
+    else:
+        problem = name_problem(ban.target, MAX_NAME_BYTES)
+        if problem:
+            raise ValueError(f"bad name {ban.target!r}: {problem}")
+    if not isinstance(ban.reason, str) or not isinstance(ban.by, int) or isinstance(ban.by, bool):
         raise ValueError("bad reason or uid")
+    problem = text_problem(ban.reason)
+    if problem or len(ban.reason) > MAX_REASON:
+        raise ValueError(f"bad reason {ban.reason[:40]!r}: {problem or 'too long'}")
     for t in (ban.created, ban.expires):
         if t is not None and (
             isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < MAX_TIME
         ):
             raise ValueError("bad time")  # NaN too; a time past MAX_TIME has no date to show
+    return ban

@@ -38,6 +38,7 @@ from chatd.wire.errors import os_reason
 
 OK, FAILED, USAGE, UNREACHABLE = 0, 1, 2, 3
 SOCKET_VARIABLE = "CHATD_SOCKET"  # the socket, below --socket and --config
+BUSY_RETRY = 2.0  # seconds chatctl tries again while the socket's backlog is full
 
 
 class Unreachable(Exception):
@@ -113,6 +114,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_const",
         const="name",
         help="TARGET is a name even though it looks like an address",
+    )
+    c.add_argument(
+        "--all",
+        action="store_true",
+        help="TARGET is meant though it is a network wider than /8 (IPv6 /16)",
     )
     c = cmd("unban", "lift a ban")
     c.add_argument("target", help="the banned name or address, as `chatctl bans` shows it")
@@ -211,7 +217,7 @@ def request(path: str, group: str | None, cmd: str, args: dict[str, Any], timeou
     sock.settimeout(timeout)
     try:
         try:
-            sock.connect(path)
+            _connect(sock, path, min(timeout, BUSY_RETRY))
         except FileNotFoundError:
             raise Unreachable(f"chatd is not running (no socket at {path})") from None
         except ConnectionRefusedError:
@@ -226,7 +232,7 @@ def request(path: str, group: str | None, cmd: str, args: dict[str, Any], timeou
                 group = socket_group(path)
             hint = f"run as root or join group {group}" if group else "run as root"
             raise Unreachable(f"permission denied on {path}: {hint}") from None
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise Unreachable(f"chatd does not answer on {path} (busy?)") from None
         except OSError as e:
             raise Unreachable(f"cannot connect to {path}: {os_reason(e)}") from None
@@ -251,6 +257,20 @@ def request(path: str, group: str | None, cmd: str, args: dict[str, Any], timeou
         hint = str(reply.get("error", "")).removeprefix("permission denied: ")
         raise Unreachable(f"permission denied on {path}: {hint}")
     raise Failed(str(reply.get("error", "the command failed")))
+
+
+def _connect(sock: socket.socket, path: str, retry: float) -> None:
+    """Connect, trying again for ``retry`` seconds while the daemon's backlog is full
+    (EAGAIN: it is busy accepting, say refusing a flood of others)."""
+    deadline = time.monotonic() + retry
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -418,7 +438,7 @@ def arguments(args: argparse.Namespace) -> dict[str, Any]:
         return {"name": args.name, **({"reason": args.reason} if args.reason else {})}
     if cmd == "ban":
         out: dict[str, Any] = {"target": args.target}
-        for key in ("duration", "reason", "kind"):
+        for key in ("duration", "reason", "kind", "all"):
             if getattr(args, key):
                 out[key] = getattr(args, key)
         return out

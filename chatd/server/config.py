@@ -281,6 +281,30 @@ class FloodConfig:
     )
 
 
+def user_name(value: Any) -> str:
+    name = text(value)
+    if name and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?", name):
+        raise ValueError(f"expected a user name, {_got(value)}")
+    return name
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    user: str = setting(
+        "",
+        user_name,
+        "with --daemon, the user chatd serves as once it has bound its sockets (started "
+        'as root); "": stay who started it',
+        reload=False,
+    )
+    group: str = setting(
+        "",
+        group_name,
+        'with --daemon and user, the group to serve as ("": the user\'s own)',
+        reload=False,
+    )
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     socket: str = setting(
@@ -366,6 +390,7 @@ class Config:
     flood: FloodConfig = section(FloodConfig, "flood control")  # noqa: RUF009
     log: LogConfig = section(LogConfig, "logging")  # noqa: RUF009
     control: ControlConfig = section(ControlConfig, "the admin control socket")  # noqa: RUF009
+    daemon: DaemonConfig = section(DaemonConfig, "chatd --daemon")  # noqa: RUF009
     state_file: str = setting(
         "/var/lib/chatd/state.json",
         file_path,

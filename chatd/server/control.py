@@ -31,8 +31,10 @@ from chatd.core.admin import Admin, handle
 from chatd.server.errors import StartupError
 from chatd.server.loop import READ
 from chatd.server.outbox import OPEN, Outbox
+from chatd.server.paths import unsafe_directory
 from chatd.wire import control
 from chatd.wire.errors import os_reason
+from chatd.wire.tokenbucket import TokenBucket
 
 if TYPE_CHECKING:
     from chatd.server.config import Config
@@ -40,7 +42,10 @@ if TYPE_CHECKING:
 
 HIGH_WATER = 256 * 1024  # stop reading requests while this much of the replies is unsent
 LINES_PER_PASS = 16  # requests answered per connection per pass of the loop
-MAX_ADMINS = 32  # admin connections at once
+MAX_ADMINS = 32  # admin connections at once (refused ones do not count)
+BACKLOG = 128  # connections the kernel queues for accept()
+DENIED_LOG_RATE = 1.0  # control_denied events a second, after a burst of DENIED_LOG_BURST
+DENIED_LOG_BURST = 10
 IDLE_TIMEOUT = 300.0  # seconds an admin connection may make no progress
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -68,6 +73,9 @@ class ControlServer:
         self.admin_uids: frozenset[int] = frozenset()  # the group's listed members
         self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self._missing_group = ""  # logged as missing already
+        self.refusing = 0  # of conns, those being refused: they hold no admin slot
+        self._denied_log = TokenBucket(DENIED_LOG_RATE, DENIED_LOG_BURST, time.monotonic())
+        self._denied_suppressed = 0  # control_denied events not logged since the last
 
     def open(self) -> None:
         """Bind the control socket: a live one is never taken over, a stale one is replaced."""
@@ -78,21 +86,28 @@ class ControlServer:
         self.resolve_group(self.server.config)
         try:
             self._make_directory(path)
+        except OSError as e:
+            raise StartupError(f"cannot create control socket {path}: {os_reason(e)}") from None
+        unsafe = unsafe_directory(os.path.dirname(path) or ".")
+        if unsafe:
+            raise StartupError(f"control socket {path} refused: {unsafe}")
+        try:
             self._clear_stale(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as e:
             raise StartupError(f"cannot create control socket {path}: {os_reason(e)}") from None
         try:
+            # The mode comes from the umask at bind: nothing acts on the path by name
+            # after, but a chown that follows no link.
             old_umask = os.umask(0o777 & ~cfg.mode)
             try:
                 sock.bind(path)
             finally:
                 os.umask(old_umask)
-            os.chmod(path, cfg.mode)
-            st = os.stat(path)
+            st = os.lstat(path)
             self._ident = (st.st_dev, st.st_ino)
             self._chown_group(path)
-            sock.listen(16)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
         except OSError as e:
             sock.close()
@@ -107,8 +122,11 @@ class ControlServer:
     def _make_directory(self, path: str) -> None:
         directory = os.path.dirname(path)
         if directory and not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+            os.makedirs(directory, mode=0o750, exist_ok=True)
             self.server.log.info("control_directory_created", directory=directory)
+            if self.admin_gid is not None:  # so that the admins may reach the socket
+                with contextlib.suppress(OSError):
+                    os.chown(directory, -1, self.admin_gid, follow_symlinks=False)
 
     def _clear_stale(self, path: str) -> None:
         if probe_control_socket(path):
@@ -119,7 +137,7 @@ class ControlServer:
         if self.admin_gid is None or self.admin_gid == os.getegid():
             return
         try:
-            os.chown(path, -1, self.admin_gid)
+            os.chown(path, -1, self.admin_gid, follow_symlinks=False)
         except OSError as e:
             self.server.log.warning(
                 "control_group_not_set",
@@ -192,14 +210,26 @@ class ControlServer:
             admin = Admin(pid, uid, gid)
             conn = AdminConn(self, sock, admin)
             if not self.authorized(admin, sock):
-                self.server.log.warning("control_denied", uid=uid, gid=gid, pid=pid)
+                self._log_denied(admin)
                 group = self.server.config.control.admin_group
                 hint = f"run as root or join group {group}" if group else "run as root"
                 conn.refuse(control.PERMISSION_DENIED, f"permission denied: {hint}")
-            elif len(self.conns) > MAX_ADMINS:
+            elif len(self.conns) - self.refusing > MAX_ADMINS:
                 conn.refuse(control.BUSY, f"too many admin connections (at most {MAX_ADMINS})")
             else:
                 self.server.log.debug("control_connect", uid=uid, pid=pid)
+
+    def _log_denied(self, admin: Admin) -> None:
+        """control_denied, at most DENIED_LOG_RATE a second after a burst: a refused
+        peer must not make the daemon write as much as it connects."""
+        if not self._denied_log.take(time.monotonic()):
+            self._denied_suppressed += 1
+            return
+        fields = {"uid": admin.uid, "gid": admin.gid, "pid": admin.pid}
+        if self._denied_suppressed:
+            fields["suppressed"] = self._denied_suppressed
+            self._denied_suppressed = 0
+        self.server.log.warning("control_denied", **fields)
 
     def authorized(self, admin: Admin, sock: socket.socket) -> bool:
         if admin.uid in (0, os.geteuid()):
@@ -291,7 +321,16 @@ class AdminConn(Outbox):
     as every Outbox does: replies, FIN, then the peer's end of stream.
     """
 
-    __slots__ = ("_continuing", "_out_seen", "admin", "control", "eof", "inbuf", "last_progress")
+    __slots__ = (
+        "_continuing",
+        "_out_seen",
+        "_refused",
+        "admin",
+        "control",
+        "eof",
+        "inbuf",
+        "last_progress",
+    )
 
     def __init__(self, control: ControlServer, sock: socket.socket, admin: Admin) -> None:
         super().__init__(control.server.loop, sock)
@@ -302,6 +341,7 @@ class AdminConn(Outbox):
         self.last_progress = time.monotonic()
         self._out_seen = 0  # bytes_out at the last idle check
         self._continuing = False  # an answer of the requests that waited is scheduled
+        self._refused = False  # refuse() was called: it counts in control.refusing
         control.conns.add(self)
         self.update_interest()
         self.loop.call_at(self.last_progress + IDLE_TIMEOUT, self._check_idle)
@@ -315,6 +355,8 @@ class AdminConn(Outbox):
         return not self.eof and self.queued < HIGH_WATER
 
     def _closed(self) -> None:
+        if self._refused:
+            self.control.refusing -= 1
         self.control.conns.discard(self)
         self.loop.unregister(self.sock)
         self.interest = 0
@@ -330,6 +372,9 @@ class AdminConn(Outbox):
     def refuse(self, code: str, error: str) -> None:
         """Answer ``error`` and close, whatever was asked."""
         self.inbuf.clear()
+        if self.link is OPEN:
+            self.control.refusing += 1
+            self._refused = True
         self.close_after(control.encode(control.error_reply(code, error)))
 
     def readable(self) -> None:
@@ -359,6 +404,8 @@ class AdminConn(Outbox):
             if answered == LINES_PER_PASS:
                 self._continue()  # the next pass: the chat gets its turn first
                 break
+            if nl > control.MAX_REQUEST:
+                break  # refused below, as a line without its end would be
             line = bytes(inbuf[:nl])
             del inbuf[: nl + 1]
             if line.strip():
@@ -366,7 +413,7 @@ class AdminConn(Outbox):
                 self.deliver(control.encode(handle(self.control.server, self.admin, line)))
                 if self.link is not OPEN:
                     return
-        if len(inbuf) > control.MAX_REQUEST and b"\n" not in inbuf:
+        if inbuf.find(b"\n", 0, control.MAX_REQUEST + 1) < 0 and len(inbuf) > control.MAX_REQUEST:
             self.refuse(
                 control.BAD_REQUEST,
                 f"request too long (at most {control.MAX_REQUEST} bytes a line)",

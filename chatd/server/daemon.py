@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import os
+import pwd
 import select
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +40,63 @@ from chatd.server.server import Server
 
 DEFAULT_PIDFILE = "/run/chatd.pid"
 READY_TIMEOUT = 60.0  # seconds the parent waits for the daemon to report
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The user and group a daemon started as root serves as, once it has bound."""
+
+    user: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, user: str, group: str, allow_root: bool) -> Identity | None:
+        """Who to become (None: stay); raises ValueError, the one-line reason."""
+        if not user:
+            if group:
+                raise ValueError("--group needs --user (daemon.group needs daemon.user)")
+            if os.geteuid() == 0 and not allow_root:
+                raise ValueError(
+                    "--daemon would serve as root: give --user USER (daemon.user), or "
+                    "--allow-root to mean it"
+                )
+            return None
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise ValueError(f"--user: no user {user!r}") from None
+        gid = entry.pw_gid
+        if group:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ValueError(f"--group: no group {group!r}") from None
+        if os.geteuid() != 0 and entry.pw_uid != os.geteuid():
+            raise ValueError(f"--user {user}: only root can serve as another user")
+        if entry.pw_uid == 0 and not allow_root:
+            raise ValueError("--user root would serve as root: --allow-root to mean it")
+        return cls(user, entry.pw_uid, gid)
+
+    def become(self, cfg: Config) -> None:
+        """Hand chatd's files to the user (so it can keep writing them), then drop root:
+        the state directory and file, the control socket, the log file; no links followed."""
+        if os.geteuid() != 0:
+            return
+        state_dir = os.path.dirname(cfg.state_file) or "."
+        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        for path in (state_dir, cfg.state_file, cfg.control.socket, cfg.log.file):
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(
+                        path,
+                        self.uid,
+                        -1 if path == cfg.control.socket else self.gid,
+                        follow_symlinks=False,
+                    )
+        os.setgroups([self.gid])
+        os.setgid(self.gid)
+        os.setuid(self.uid)
 
 
 class PidFileError(Exception):
@@ -133,6 +193,7 @@ def run(
     pidfile_path: str,
     *,
     overrides: dict[str, Any] | None = None,
+    allow_root: bool = False,
 ) -> int:
     """Detach and serve; the parent returns 0 once the child is on its way."""
     if not cfg.log.file:
@@ -140,6 +201,11 @@ def run(
             "chatd: error: --daemon needs log.file in the config (a daemon has no terminal)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        identity = Identity.of(cfg.daemon.user, cfg.daemon.group, allow_root)
+    except ValueError as e:
+        print(f"chatd: error: {e}", file=sys.stderr)
         return 2
     pidfile = PidFile(os.path.abspath(pidfile_path))
     pid = pidfile.holder()
@@ -190,7 +256,7 @@ def run(
         ready.error(str(e))
         return 1
     try:
-        return _serve(cfg, config_path, sockets, overrides, ready)
+        return _serve(cfg, config_path, sockets, overrides, ready, identity)
     finally:
         ready.error("chatd exited during start-up")  # no-op once "ok" was sent
         context.close()
@@ -256,6 +322,7 @@ def _serve(
     sockets: list[socket.socket],
     overrides: dict[str, Any] | None,
     ready: _Report,
+    identity: Identity | None,
 ) -> int:
     try:
         server = Server(cfg, config_path, systemd.Notifier.from_environ(), overrides=overrides)
@@ -265,8 +332,13 @@ def _serve(
     try:
         try:
             server.open(sockets)
-        except StartupError as e:
-            ready.error(str(e))
+            if identity is not None:
+                identity.become(cfg)
+                server.log.info(
+                    "serving_as", user=identity.user, uid=identity.uid, gid=identity.gid
+                )
+        except (StartupError, OSError) as e:
+            ready.error(str(e) if isinstance(e, StartupError) else f"cannot drop root: {e}")
             return 1
         ready.ok()
         return server.run()

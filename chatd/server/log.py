@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import structlog
 
 from chatd.server.config import ConfigError, LogConfig
+from chatd.wire.chat import escape
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -168,13 +169,22 @@ def configure(settings: LogConfig, stream: TextIO | None = None, source: str = "
             structlog.processors.JSONRenderer(sort_keys=False),
         ]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+        processors += [_escaped, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[settings.level]),
         logger_factory=_LineFactory(_out),
         cache_logger_on_first_use=False,
     )
+
+
+def _escaped(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """On a console, what a terminal would act on is escaped in every value (a name
+    or a message may carry it; JSON escapes it anyway).  The traceback keeps its lines."""
+    return {
+        escape(k): v if k == "exc_info" or not isinstance(v, str) else escape(v)
+        for k, v in event.items()
+    }
 
 
 def _headline_first(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:

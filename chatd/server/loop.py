@@ -132,6 +132,9 @@ class Loop:
         """One pass: wait (until ``due`` at most), I/O, ``after_io``, timers, ``after_timers``."""
         self.passes += 1
         self._errors = 0
+        soon, self._soon = self._soon, []  # what earlier passes asked for, not this one
+        if soon:
+            due = 0.0
         try:
             events = self.sel.select(self._timeout(due))
         except Exception:
@@ -146,7 +149,7 @@ class Loop:
                 self.internal_error("io", data)
         for stage in after_io:
             self.guard(stage.__name__, stage)
-        self._run_timers()
+        self._run_timers(soon)
         for stage in after_timers:
             self.guard(stage.__name__, stage)
         if self._errors:
@@ -161,8 +164,7 @@ class Loop:
         except Exception:
             self.internal_error(stage, None)
 
-    def _run_timers(self) -> None:
-        soon, self._soon = self._soon, []
+    def _run_timers(self, soon: list[tuple[Callable[[Any], None], Any]]) -> None:
         for fn, arg in soon:
             try:
                 fn(arg)

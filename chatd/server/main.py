@@ -45,6 +45,22 @@ def parser() -> argparse.ArgumentParser:
         "(default: /run/chatd.pid)",
     )
     p.add_argument(
+        "--user",
+        metavar="USER",
+        help="with --daemon, started as root: serve as USER once the sockets are bound "
+        "(overrides daemon.user)",
+    )
+    p.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="with --user: serve as GROUP, not USER's own (overrides daemon.group)",
+    )
+    p.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="with --daemon, started as root: serve as root all the same",
+    )
+    p.add_argument(
         "--control-socket",
         metavar="PATH",
         help="serve the admin control socket at PATH (overrides control.socket)",
@@ -78,14 +94,25 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Settings given on the command line, as dotted keys (paths made absolute)."""
     given = {"control.socket": args.control_socket, "state_file": args.state_file}
     paths = {key: os.path.abspath(value) for key, value in given.items() if value}
-    return {**paths, "listen": args.listen} if args.listen else paths
+    named = {"daemon.user": args.user, "daemon.group": args.group}
+    return {
+        **paths,
+        **({"listen": args.listen} if args.listen else {}),
+        **{key: value for key, value in named.items() if value},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.pidfile is not None and not args.daemon:
-        p.error("--pidfile needs --daemon")
+    for given, option in (
+        (args.pidfile, "--pidfile"),
+        (args.user, "--user"),
+        (args.group, "--group"),
+        (args.allow_root, "--allow-root"),
+    ):
+        if given and not args.daemon:
+            p.error(f"{option} needs --daemon")
     try:
         cfg, path = load_config(args.config)
         cfg = config.override(cfg, overrides(args), "command line")
@@ -100,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
 
         path = os.path.abspath(path) if path else None  # the daemon runs in /
         return daemon.run(
-            cfg, path, args.pidfile or daemon.DEFAULT_PIDFILE, overrides=overrides(args)
+            cfg,
+            path,
+            args.pidfile or daemon.DEFAULT_PIDFILE,
+            overrides=overrides(args),
+            allow_root=args.allow_root,
         )
     try:
         sockets = systemd.listen_fds()

@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from chatd.core.bans import Bans, StateError
+from chatd.server.paths import unsafe_directory
 from chatd.wire.errors import os_reason
 
 
@@ -29,6 +30,10 @@ def load(path: str, now: float | None = None) -> Bans:
         raise StateError(f"cannot read {path}: {os_reason(e)}") from None
     except ValueError as e:  # JSON or UTF-8
         raise StateError(f"cannot read {path}: not a chatd state file ({e})") from None
+    except RecursionError:
+        raise StateError(
+            f"cannot read {path}: not a chatd state file (nested too deeply)"
+        ) from None
     try:
         return Bans.from_json(doc, time.time() if now is None else now)
     except ValueError as e:
@@ -41,6 +46,14 @@ def save(path: str, bans: Bans) -> None:
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, mode=0o750, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StateError(f"cannot write {path}: {directory} is not a directory") from None
+    except OSError as e:
+        raise StateError(f"cannot write {path}: {os_reason(e)}") from None
+    unsafe = unsafe_directory(directory)
+    if unsafe:
+        raise StateError(f"cannot write {path}: {unsafe}")
+    try:
         fd, tmp = tempfile.mkstemp(prefix=".state-", dir=directory)
     except (FileExistsError, NotADirectoryError):
         raise StateError(f"cannot write {path}: {directory} is not a directory") from None
@@ -48,10 +61,10 @@ def save(path: str, bans: Bans) -> None:
         raise StateError(f"cannot write {path}: {os_reason(e)}") from None
     try:
         with open(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o640)  # the file made, not whatever has its name now
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o640)
         os.replace(tmp, path)
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -14,6 +14,7 @@ in UTC, durations as "90s", "10m", "1h30m".
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ COMMANDS: dict[str, Spec] = {
         "duration": (str, False),
         "reason": (str, False),
         "kind": (str, False),
+        "all": (bool, False),  # a network wider than /8 (IPv6 /16) is meant
     },
     "unban": {"target": (str, True), "kind": (str, False)},
     "bans": {},
@@ -65,10 +67,33 @@ class Request:
     args: dict[str, Any]
 
 
+class _Unrepeatable(ValueError):
+    """Valid to Python's json, not to chatd: a reply could not carry it back."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Unrepeatable(f"{text} is not a finite number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _Unrepeatable(f"{name} is not JSON")
+
+
+def _loads(line: bytes) -> Any:
+    """JSON, strictly: no NaN or Infinity, and no deeper than the decoder can go."""
+    try:
+        return json.loads(line, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise _Unrepeatable("nested too deeply") from None
+
+
 def request_id(line: bytes) -> Any:
     """The "id" of a request line, for its reply (None if there is none)."""
     try:
-        request = json.loads(line)
+        request = _loads(line)
     except ValueError:
         return None
     return request.get("id") if isinstance(request, dict) else None
@@ -76,12 +101,15 @@ def request_id(line: bytes) -> Any:
 
 def parse(line: bytes) -> Request:
     """Check a request line; return the request or raise RequestError."""
+    if len(line) > MAX_REQUEST:
+        raise RequestError(BAD_REQUEST, f"request too long (at most {MAX_REQUEST} bytes a line)")
+    malformed = 'malformed request: expected one JSON object per line, {"cmd": ...}'
     try:
-        request = json.loads(line)
+        request = _loads(line)
+    except _Unrepeatable as e:
+        raise RequestError(BAD_REQUEST, f"{malformed} ({e})") from None
     except ValueError:
-        raise RequestError(
-            BAD_REQUEST, 'malformed request: expected one JSON object per line, {"cmd": ...}'
-        ) from None
+        raise RequestError(BAD_REQUEST, malformed) from None
     if not isinstance(request, dict):
         raise RequestError(BAD_REQUEST, 'malformed request: expected a JSON object {"cmd": ...}')
     unknown = set(request) - {"cmd", "args", "id"}
