@@ -23,7 +23,13 @@ from chatd.core.names import list_bytes, name_problem, script_problem
 from chatd.core.room import Room
 from chatd.core.stats import Stats
 from chatd.wire import notices
-from chatd.wire.chat import NOTICE_SENDER, text_problem
+from chatd.wire.chat import (
+    NOTICE_SENDER,
+    action_sender,
+    private_sender,
+    sent_sender,
+    text_problem,
+)
 from chatd.wire.tokenbucket import TokenBucket
 
 # A member's state (the chat's view; the transport keeps its own).
@@ -245,8 +251,25 @@ class Chat:
         if text[0] == "/":
             commands.run(self, m, text)
             return
-        self.room.post(m, text)
-        self.accepted(m, text)
+        self.relay(m, text)
+
+    def relay(self, m: Member, text: str, kind: str = "message", to: Member | None = None) -> None:
+        """A message accepted from ``m``, on its way: to the room, or to ``to`` alone (a
+        private message, whose sender gets its copy), counted and logged.
+
+        Every message a user says passes here once, in the order the room gets it.
+        """
+        room = self.room
+        if to is not None:
+            room.send_to(to, private_sender(m.name), text)
+            room.send_to(m, sent_sender(m.name, to.name), text)  # it went
+            self.accepted(m, text, kind=kind, to=to.name)
+            return
+        room.post(m, text, as_name=action_sender(m.name) if kind == "action" else None)
+        if kind == "message":
+            self.accepted(m, text)
+        else:
+            self.accepted(m, text, kind=kind)
 
     def accepted(self, m: Member, text: str, **fields: Any) -> None:
         """Count and log a message that was relayed (``fields``: kind, to)."""

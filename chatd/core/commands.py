@@ -29,11 +29,9 @@ def run(hub: Chat, m: Member, text: str) -> None:
     room = hub.room
     command = chat.parse(text)
     if isinstance(command, chat.Say):
-        room.post(m, command.text)
-        hub.accepted(m, command.text)
+        hub.relay(m, command.text)
     elif isinstance(command, chat.Act):
-        room.post(m, command.text, as_name=chat.action_sender(m.name))
-        hub.accepted(m, command.text, kind="action")
+        hub.relay(m, command.text, kind="action")
     elif isinstance(command, chat.Private):
         target = room.get(command.to)
         if target is None:
@@ -41,10 +39,7 @@ def run(hub: Chat, m: Member, text: str) -> None:
         elif target is m:
             room.send_to(m, NOTICE_SENDER, notices.TO_YOURSELF(name=command.to))
         else:
-            room.send_to(target, chat.private_sender(m.name), command.text)
-            # The sender's copy says it went: a client shows it only now.
-            room.send_to(m, chat.sent_sender(m.name, target.name), command.text)
-            hub.accepted(m, command.text, kind="private", to=target.name)
+            hub.relay(m, command.text, kind="private", to=target)
     elif isinstance(command, chat.Who):
         line = who_line(room.names(), list_bytes(room.header_length))
         room.send_to(m, NOTICE_SENDER, line)
