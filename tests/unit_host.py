@@ -8,10 +8,13 @@ sent), and fails at once on a timer loop that never ends instead of hanging.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import structlog
 from fakes import FakeHost, FakeMember, Room, settings
+from structlog.testing import LogCapture
 
 from chatd.core.chat import Chat
 from chatd.wire.framing import FrameDecoder
@@ -51,3 +54,21 @@ def pairs(m: FakeMember, header_length: int) -> list[tuple[str, str]]:
     frames = d.frames()
     assert d.idle, "a partial frame was delivered"
     return list(zip(frames[::2], frames[1::2], strict=True))
+
+
+@contextlib.contextmanager
+def logger_names() -> Iterator[list[tuple[Any, ...]]]:
+    """The arguments each logger was made with (structlog's logger factory), while the
+    events themselves are captured and dropped."""
+    names: list[tuple[Any, ...]] = []
+
+    def factory(*args: Any) -> Any:
+        names.append(args)
+        return structlog.ReturnLogger()
+
+    structlog.reset_defaults()
+    structlog.configure(processors=[LogCapture()], logger_factory=factory)
+    try:
+        yield names
+    finally:
+        structlog.reset_defaults()
