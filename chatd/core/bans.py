@@ -80,7 +80,8 @@ class Bans:
         return old
 
     def remove(self, kind: str, target: str) -> Ban | None:
-        key = Ban(kind, target, "", 0, None, 0).key
+        # equivalent: a key is made of the kind and target alone, the rest only fills a Ban
+        key = Ban(kind, target, "", 0, None, 0).key  # pragma: no mutate
         ban = self._by_key.pop(key, None)
         if ban is not None:
             self._reindex()

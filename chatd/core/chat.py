@@ -149,7 +149,9 @@ class Chat:
         self.stopping = False
         self.admission = Admission(settings)
         self._notices_due = 0.0  # notices alone wait until then (see flush)
-        self.holding = False  # notices are queued, waiting for _notices_due
+        # Notices are queued, waiting for _notices_due.  Equivalent mutants: before the
+        # first flush _notices_due is 0, so next_flush() answers 0 whatever this says.
+        self.holding = False  # pragma: no mutate
         self._idle_sweep_id = 0  # the current idle sweep; older ones stop
 
     def member_log(self, m: Member) -> Any:

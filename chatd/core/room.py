@@ -188,7 +188,8 @@ class Room(Generic[M]):
     def post(self, sender: M, text: str, *, as_name: str | None = None) -> None:
         """Queue ``text`` from ``sender`` for every other member."""
         self._batch.append((self.frame(as_name or sender.name, text), sender, None))
-        self._posts += 1
+        # equivalent: only whether _posts is 0 is read (notices_only)
+        self._posts += 1  # pragma: no mutate
         self._broadcasts += 1
 
     def notice(self, text: str, *, exclude: M | None = None) -> None:
@@ -298,7 +299,9 @@ class Room(Generic[M]):
         # Private frames before _direct_from were dealt with by an earlier call:
         # either sent, or stuck behind a broadcast until the next flush().
         scan = itertools.islice(batch, self._direct_from, None)
-        self._direct_from = len(batch)
+        # equivalent as None: islice() reads it as 0, and a scan from 0 finds the frames
+        # already served behind fresh[] again; it only keeps the next scan short
+        self._direct_from = len(batch)  # pragma: no mutate
         for _, _, only in scan:
             if only is None or id(only) in seen:
                 continue

@@ -124,7 +124,8 @@ def parse(line: bytes) -> Request:
         raise RequestError(
             UNKNOWN_COMMAND, f"unknown command {cmd!r} (commands: {', '.join(sorted(COMMANDS))})"
         )
-    args = request.get("args", {})
+    # equivalent: an absent "args" read as None becomes {} just below, as "args": null does
+    args = request.get("args", {})  # pragma: no mutate
     if args is None:
         args = {}
     if not isinstance(args, dict):

@@ -62,7 +62,8 @@ def max_length(header_length: int) -> int:
 def cut(text: str, max_bytes: int) -> str:
     """``text``, shortened if need be to at most ``max_bytes`` of UTF-8 (whole characters)."""
     data = text.encode()
-    if len(data) <= max_bytes:
+    # equivalent: slicing to len(data) keeps it all
+    if len(data) <= max_bytes:  # pragma: no mutate
         return text
     return data[: max(max_bytes, 0)].decode(errors="ignore")
 
@@ -112,7 +113,9 @@ class FrameDecoder:
         buf = self._buf
         pos = self._pos
         need = self._need
-        if need < 0:
+        # equivalent as <= 0 or < 1: between calls _need is -1 or a length of at least 1
+        # (a header of 0 is consumed at once)
+        if need < 0:  # pragma: no mutate
             end = pos + self.header_length
             if len(buf) < end:
                 if pos < len(buf) and not _HEADER_START.fullmatch(buf, pos):

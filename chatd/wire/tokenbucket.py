@@ -21,7 +21,8 @@ class TokenBucket:
 
     def _refill(self, now: float) -> float:
         tokens = self.tokens + (now - self.stamp) * self.rate
-        if tokens > self.burst:
+        # equivalent: at exactly the burst, capping to it changes nothing
+        if tokens > self.burst:  # pragma: no mutate
             tokens = self.burst
         self.tokens = tokens
         self.stamp = now
