@@ -133,7 +133,7 @@ def test_a_name_that_looks_like_an_address_is_told_how_to_ban_it() -> None:
     assert error(Daemon().ask("ban", target=" 10.0.0.0/33 ")) == (
         "bad_request",
         "ban: not an IP address or network (CIDR): '10.0.0.0/33' "
-        '(to ban a name that looks like one, give kind "name": chatctl ban --name)',
+        "(to ban a name that looks like one, use --name)",
     )
 
 

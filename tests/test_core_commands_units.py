@@ -85,7 +85,8 @@ def test_msg_reaches_its_one_recipient_under_its_real_name(logs: list[dict[str, 
     r.say(alice, "/msg BOB psst, it's me")
     r.flush()
     assert bob.take() == [("alice (private)", "psst, it's me")]
-    assert carol.take() == [] and alice.take() == []
+    assert alice.take() == [("alice -> bob (private)", "psst, it's me")]  # the copy: it went
+    assert carol.take() == []
     assert events(logs, "message") == [message(alice, "psst, it's me", kind="private", to="bob")]
     assert (alice.messages, bob.messages, r.chat.stats.messages) == (1, 0, 1)
 
@@ -207,7 +208,7 @@ def test_who_line_fits_its_budget_with_the_head_counted() -> None:
     # "online (3): " is 12 bytes; each name costs its length and 2.
     assert commands.who_line(names, 24) == "online (3): aa, bb, cc"
     assert commands.who_line(names, 23) == "online (3): aa, bb and 1 more"
-    assert commands.who_line(names, 12) == "online (3):  and 3 more"
+    assert commands.who_line(names, 12) == "online (3): 3 not shown"  # not one fits
     assert commands.who_line([], 100) == "online (0): "
 
 

@@ -278,7 +278,7 @@ def test_the_online_line_leaves_the_newcomer_out_wherever_it_is() -> None:
     assert room.online_line(a, 12) == "online: bb and 2 more"
     assert room.online_line(d, 12) == "online: aa, bb and 1 more"
     assert room.online_line(Member("out"), 12) == "online: aa, bb and 2 more"
-    assert room.online_line(Member("out"), 0) == "online:  and 4 more"
+    assert room.online_line(Member("out"), 0) == "online: 4 not shown"
 
 
 def test_the_online_line_of_one_alone() -> None:

@@ -298,6 +298,8 @@ def _online_line_by_walking(room: Room, me: object, max_bytes: int) -> str:
             continue
         size += len(member.name.encode()) + 2
         if size > max_bytes:
+            if not shown:
+                return f"online: {others} not shown"
             return f"online: {', '.join(shown)} and {others - len(shown)} more"
         shown.append(member.name)
     return f"online: {', '.join(shown)}"

@@ -232,4 +232,6 @@ def names_line(names: Iterable[str], max_bytes: int) -> tuple[str, int]:
 
 def and_more(text: str, shown: int, total: int) -> str:
     """A list of ``shown`` names of ``total``, with " and N more" when it was cut."""
+    if not shown and total:
+        return f"{total} not shown"  # not one name fits (a very short frame header)
     return f"{text} and {total - shown} more" if shown < total else text
