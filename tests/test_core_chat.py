@@ -274,7 +274,7 @@ def test_banned_names_and_addresses_are_refused_with_the_terms() -> None:
     bans = Bans()
     bans.add(ban("name", "Eve", reason="spam"))
     bans.add(ban("address", "10.6.0.0/16", expires=WALL0 + 3600))
-    r.chat.load_bans(bans)
+    r.chat.moderation.load_bans(bans)
     eve = r.connect()
     r.chat.name_received(eve, "eve")
     assert eve.pairs() == [(NOTICE_SENDER, "name rejected: 'eve' is banned: spam")]
@@ -291,7 +291,7 @@ def test_a_timed_ban_expires_on_its_timer_and_the_file_is_saved(
     r = Room()
     bans = Bans()
     bans.add(ban("address", "10.6.0.0/16", expires=WALL0 + 5))
-    r.chat.load_bans(bans)
+    r.chat.moderation.load_bans(bans)
     r.host.advance(4.9)
     assert r.connect("10.6.0.1").closed is not None
     r.host.advance(0.2)
@@ -307,7 +307,7 @@ def test_a_long_ban_is_looked_at_daily_and_lifted_at_its_end() -> None:
     r = Room()
     bans = Bans()
     bans.add(ban("name", "eve", expires=WALL0 + 30 * 86400))
-    r.chat.load_bans(bans)
+    r.chat.moderation.load_bans(bans)
     for _ in range(29):
         r.host.advance(86400)
         assert len(r.chat.bans) == 1 and not r.host.saved
@@ -319,7 +319,7 @@ def test_a_ban_that_cannot_be_saved_on_expiry_is_logged(logs: list[dict[str, Any
     r = Room()
     bans = Bans()
     bans.add(ban("name", "eve", expires=WALL0 + 1))
-    r.chat.load_bans(bans)
+    r.chat.moderation.load_bans(bans)
     r.host.save_error = "cannot write /x: no space left on device"
     r.host.advance(2)
     assert events(logs, "state_not_saved")[0]["error"] == r.host.save_error
@@ -334,11 +334,11 @@ def test_a_new_ban_disconnects_whoever_it_covers(logs: list[dict[str, Any]]) -> 
     bob.take()
     name_ban = ban("name", "EVE", reason="spam")
     r.chat.bans.add(name_ban)
-    assert r.chat.enforce(name_ban) == ["eve"]
+    assert r.chat.moderation.enforce(name_ban) == ["eve"]
     assert last_notice(eve) == "you were banned by an admin: spam"
     net = ban("address", "10.6.0.0/16")
     r.chat.bans.add(net)
-    assert r.chat.enforce(net) == ["mallory"]
+    assert r.chat.moderation.enforce(net) == ["mallory"]
     assert last_notice(waiting) == "connection refused: your address is banned"
     r.flush()
     assert bob.notices() == ["eve was banned (spam)", "mallory was banned"]
@@ -532,7 +532,7 @@ def test_a_name_ban_covers_its_look_alikes() -> None:
     r = Room()
     bans = Bans()
     bans.add(ban("name", "eve"))
-    r.chat.load_bans(bans)
+    r.chat.moderation.load_bans(bans)
     m = r.connect()
     r.chat.name_received(m, "EVE")
     n = r.connect()

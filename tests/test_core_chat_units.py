@@ -372,7 +372,7 @@ def test_a_timed_ban_disconnects_users_and_refuses_those_waiting(
     bob.take()
     net = Ban("address", "10.6.0.0/16", "spam", WALL0, WALL0 + 60, 0)
     r.chat.bans.add(net)
-    assert r.chat.enforce(net) == ["eve"]
+    assert r.chat.moderation.enforce(net) == ["eve"]
     until = " until 2027-01-15 08:01:00 UTC: spam"
     assert eve.notices()[-1] == f"you were banned by an admin{until}"
     assert waiting.pairs() == [notice(f"connection refused: your address is banned{until}")]
@@ -384,7 +384,7 @@ def test_a_timed_ban_disconnects_users_and_refuses_those_waiting(
     assert r.chat.admission.places == 1  # bob's: the lingering one was not counted twice
     name = Ban("name", "BOB", "", WALL0, WALL0 + 60, 0)
     r.chat.bans.add(name)
-    assert r.chat.enforce(name) == ["bob"]
+    assert r.chat.moderation.enforce(name) == ["bob"]
 
 
 def test_a_timed_ban_is_watched_until_it_expires(logs: list[dict[str, Any]]) -> None:
@@ -393,9 +393,9 @@ def test_a_timed_ban_is_watched_until_it_expires(logs: list[dict[str, Any]]) -> 
     later = Ban("name", "bob", "", WALL0, WALL0 + 30 * 86400, 0)
     r.chat.bans.add(soon)
     r.chat.bans.add(later)
-    r.chat.watch_expiry(soon)
-    r.chat.watch_expiry(later)
-    r.chat.watch_expiry(Ban("name", "x", "", WALL0, None, 0))  # until lifted: no timer
+    r.chat.moderation.watch_expiry(soon)
+    r.chat.moderation.watch_expiry(later)
+    r.chat.moderation.watch_expiry(Ban("name", "x", "", WALL0, None, 0))  # until lifted: no timer
     assert [(when, arg) for when, _, arg in r.host.calls] == [
         (pytest.approx(T0 + 5.01), soon),
         (T0 + 86400, later),

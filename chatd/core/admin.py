@@ -268,14 +268,14 @@ def cmd_ban(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
     bans = chat.bans
     old = bans.add(ban)
     try:
-        chat.prune_bans()
+        chat.moderation.prune_bans()
         chat.host.save_bans(bans)
     except StateError as e:
         bans.remove(kind, target)
         if old is not None:
             bans.add(old)
         raise RequestError(FAILED, f"ban not applied: {e}") from None
-    chat.watch_expiry(ban)
+    chat.moderation.watch_expiry(ban)
     _log().info(
         "ban",
         kind=kind,
@@ -288,7 +288,7 @@ def cmd_ban(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
     return {
         "ban": ban_json(ban, now),
         "replaced": old is not None,
-        "disconnected": chat.enforce(ban),
+        "disconnected": chat.moderation.enforce(ban),
     }
 
 
@@ -305,7 +305,7 @@ def cmd_unban(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
     if ban is None or ban.expired(chat.host.wall()):
         raise RequestError(NOT_FOUND, f"{args['target'].strip()!r} is not banned")
     try:
-        chat.prune_bans()
+        chat.moderation.prune_bans()
         chat.host.save_bans(bans)
     except StateError as e:
         bans.add(ban)

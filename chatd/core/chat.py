@@ -18,9 +18,11 @@ import structlog
 from chatd.core import commands
 from chatd.core.addresses import IPNetwork, in_networks
 from chatd.core.admission import Admission
-from chatd.core.bans import Ban, Bans, StateError
+from chatd.core.bans import Bans
+from chatd.core.moderation import Moderation
 from chatd.core.names import list_bytes, name_problem, script_problem
 from chatd.core.room import Room
+from chatd.core.states import GONE, HANDSHAKE, JOINED
 from chatd.core.stats import Stats
 from chatd.wire import notices
 from chatd.wire.chat import (
@@ -32,13 +34,9 @@ from chatd.wire.chat import (
 )
 from chatd.wire.tokenbucket import TokenBucket
 
-# A member's state (the chat's view; the transport keeps its own).
-HANDSHAKE = "handshake"  # connected, no name yet
-JOINED = "joined"  # a member of the room
-GONE = "gone"  # left or refused; the server is closing its connection
+__all__ = ["GONE", "HANDSHAKE", "JOINED", "Chat", "Host", "Member", "Settings"]
 
 NOTICE_INTERVAL = 0.025  # seconds: notices alone are broadcast at most this often
-BAN_CHECK_MAX = 86400.0  # seconds: a ban's expiry (wall-clock time) is looked at daily
 
 
 class Member(Protocol):
@@ -145,6 +143,7 @@ class Chat:
         self.log: Any = structlog.get_logger("chatd")
         self.room: Room[Member] = Room(settings.header_length)
         self.bans = Bans()
+        self.moderation = Moderation(self)
         self.stats = Stats()
         self.stopping = False
         self.admission = Admission(settings)
@@ -458,61 +457,3 @@ class Chat:
         """A server notice to everyone; returns how many users it reaches."""
         self.room.notice(text)
         return len(self.room)
-
-    def load_bans(self, bans: Bans) -> None:
-        """The bans kept from the last run, at start."""
-        self.bans = bans
-        for ban in bans.active(self.host.wall()):
-            self.watch_expiry(ban)
-
-    def enforce(self, ban: Ban) -> list[str]:
-        """Disconnect whoever ``ban`` covers; return the names of the users among them."""
-        now = self.host.wall()
-        gone = []
-        for m in list(self.host.members()):
-            if m.state is JOINED:
-                if ban.kind == "name":
-                    hit = self.bans.match_name(m.name, now) is ban
-                else:
-                    hit = self.bans.match_address(m.peer_host, now) is ban
-                if hit:
-                    gone.append(m.name)
-                    self.drop(
-                        m,
-                        "banned",
-                        notice=notices.BANNED(terms=ban.terms()),
-                        announce=notices.USER_BANNED(
-                            name=m.name, reason=notices.parenthesized(ban.reason)
-                        ),
-                    )
-            elif (
-                m.state is HANDSHAKE
-                and ban.kind == "address"
-                and self.bans.match_address(m.peer_host, now) is ban
-            ):
-                self.reject(m, "banned", notices.ADDRESS_BANNED(terms=ban.terms()))
-        return gone
-
-    def prune_bans(self) -> bool:
-        """Forget the bans that expired (logged); True if there were any."""
-        gone = self.bans.prune(self.host.wall())
-        for ban in gone:
-            self.log.info("ban_expired", kind=ban.kind, target=ban.target)
-        return bool(gone)
-
-    def watch_expiry(self, ban: Ban) -> None:
-        """Lift ``ban`` from the state file and the log when it expires."""
-        if ban.expires is not None:
-            wait = min(ban.expires - self.host.wall() + 0.01, BAN_CHECK_MAX)
-            self.host.call_at(self.host.now() + wait, self._expire, ban)
-
-    def _expire(self, ban: Ban) -> None:
-        if not ban.expired(self.host.wall()):
-            # The wall clock was set back, or the ban is long: look again later.
-            self.watch_expiry(ban)
-            return
-        if self.prune_bans():
-            try:
-                self.host.save_bans(self.bans)
-            except StateError as e:
-                self.log.error("state_not_saved", error=str(e))

@@ -120,7 +120,7 @@ class Server:
         """
         nofile = raise_nofile_limit()
         try:
-            self.chat.load_bans(state.load(self.config.state_file))
+            self.chat.moderation.load_bans(state.load(self.config.state_file))
         except StateError as e:
             raise StartupError(str(e)) from None
         self.control.open()
