@@ -16,6 +16,7 @@ Scenarios:
   b  latency: 1,000 receivers, 200 messages/s offered, send-to-receipt time
   c  capacity: clients in steps of 1,000 up to 10,000, one broadcast after each
   d  join storm: 2,000 clients connect and register, 10 and 100 in flight
+  e  restart: with 1,000 and 10,000 connected, the longest wait a client sees (SIGUSR2)
 
 The daemon runs with its default configuration (log level info, JSON message
 events with text) but for a port of 0, a max_clients of 11,000, 127.0.0.1
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import json
 import multiprocessing
 import os
@@ -729,6 +731,167 @@ def _capacity_step(
     return clients
 
 
+# Scenario e: restart without dropping anyone (chatd --daemon, SIGUSR2).
+
+
+class Detached:
+    """``chatd --daemon`` pinned to ``cpu``, found by its pidfile."""
+
+    def __init__(self, workdir: Path, cpu: int | None) -> None:
+        self.log = workdir / "chatd.log"
+        self.pidfile = workdir / "chatd.pid"
+        cfg = {
+            "listen": ["127.0.0.1:0"],
+            "max_clients": 11000,
+            "flood": {"exempt": ["127.0.0.1"]},
+            "address_exempt": ["127.0.0.1"],
+            "max_handshakes": 20000,
+            "log": {"format": "json", "file": str(self.log), "messages": False},
+            "control": {"socket": str(workdir / "admin.sock")},
+            "state_file": str(workdir / "state.json"),
+        }
+        path = workdir / "chatd.yaml"
+        path.write_text(json.dumps(cfg))
+        cmd = [sys.executable, "-m", "chatd", "--config", str(path), "--daemon"]
+        cmd += ["--pidfile", str(self.pidfile)] + (["--allow-root"] if os.geteuid() == 0 else [])
+        if cpu is not None and shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(cpu), *cmd]
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        if done.returncode:
+            raise BenchError(f"chatd --daemon did not start: {done.stderr.strip()[-300:]}")
+        self.pid = int(self.pidfile.read_text())
+        self.port = int(self.event("startup")["listen"][0].rsplit(":", 1)[1])
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                e = json.loads(line)
+                if e.get("event") == name:
+                    found.append(e)
+        return found
+
+    def event(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := self.events(name):
+                return found[-1]
+            time.sleep(0.05)
+        raise BenchError(f"no {name} event in {timeout:g} s")
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(self.pidfile.read_text())
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def restart_gap(args: argparse.Namespace, clients: int, rounds: int) -> dict[str, Any]:
+    """With ``clients`` connected, how long one sees no message across a restart."""
+    results = []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            daemon = Detached(Path(tmp), args.daemon_cpu)
+            gen = Generator(daemon.port)
+            try:
+                gen.join_many([f"r{i:05d}" for i in range(clients)], COUNT, 100, args.step_limit)
+                results.append(_restart_round(daemon, gen))
+            finally:
+                gen.close()
+                daemon.stop()
+    return summarize(results) | {"clients": clients}
+
+
+def _restart_round(daemon: Detached, gen: Generator) -> dict[str, Any]:
+    sender = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    receiver = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    sender.sendall(frame("probe-s"))
+    receiver.sendall(frame("probe-r"))
+    arrivals: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def receive() -> None:
+        buf = bytearray()
+        receiver.settimeout(0.2)
+        while not stop.is_set() or len(buf):
+            try:
+                data = receiver.recv(1 << 16)
+            except TimeoutError:
+                if stop.is_set():
+                    return
+                continue
+            if not data:
+                return
+            buf += data
+            for sender_name, text in _pairs(buf):
+                if sender_name == b"probe-s":
+                    arrivals.append((int(text[:10]), time.monotonic()))
+
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+    time.sleep(0.3)
+    seq = 0
+
+    def send_for(seconds: float) -> None:
+        nonlocal seq
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            sender.sendall(frame(message_text(seq)))
+            seq += 1
+            gen.poll(0.002)
+
+    send_for(1.0)
+    old = daemon.pid
+    handovers = len(daemon.events("handover"))
+    os.kill(old, signal.SIGUSR2)
+    deadline = time.monotonic() + 30
+    while len(daemon.events("handover")) == handovers and time.monotonic() < deadline:
+        send_for(0.05)
+    send_for(1.0)
+    time.sleep(0.5)
+    stop.set()
+    reader.join(10)
+    sender.close()
+    receiver.close()
+    daemon.pid = int(daemon.pidfile.read_text())
+    seqs = [s for s, _ in arrivals]
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(arrivals)]
+    if daemon.pid == old:
+        raise BenchError("the restart did not happen")
+    return {
+        "gap_ms": round(max(gaps) * 1000, 1) if gaps else -1.0,
+        "sent": seq,
+        "received": len(arrivals),
+        "lost_or_reordered": int(seqs != list(range(seq))),
+    }
+
+
+def _pairs(buf: bytearray) -> Iterator[tuple[bytes, bytes]]:
+    """Whole (sender, text) pairs taken from the front of ``buf``."""
+    while True:
+        if len(buf) < HL:
+            return
+        n1 = int(buf[:HL])
+        if len(buf) < HL + n1 + HL:
+            return
+        n2 = int(buf[HL + n1 : HL + n1 + HL])
+        end = HL + n1 + HL + n2
+        if len(buf) < end:
+            return
+        pair = (bytes(buf[HL : HL + n1]), bytes(buf[HL + n1 + HL : end]))
+        del buf[:end]
+        yield pair
+
+
 # Scenario d: join storm.
 
 
@@ -873,6 +1036,16 @@ def table(res: dict[str, Any]) -> str:
                     _cpu(r),
                 )
             )
+        elif key.startswith("restart"):
+            rows.append(
+                (
+                    f"e restart, {r['clients']:,} connected",
+                    "longest wait seen by a client",
+                    f"{r['gap_ms']:,} ms, lost or reordered {r['lost_or_reordered']}",
+                    "< 1,000 ms at 10,000" if r["clients"] >= 10000 else "",
+                    "",
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -900,12 +1073,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one round of each scenario")
     p.add_argument("--rounds", type=int, default=5, help="rounds per scenario (default 5)")
-    p.add_argument("--scenarios", default="abcd", help="which scenarios to run (default abcd)")
+    p.add_argument("--scenarios", default="abcde", help="which scenarios to run (default abcde)")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds measured per round")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
     p.add_argument("--window", type=int, default=32, help="messages a sender may have in flight")
     p.add_argument("--capacity", type=int, default=10000, help="clients in scenario c")
     p.add_argument("--storm", type=int, default=2000, help="clients in scenario d")
+    p.add_argument("--restart", type=int, default=10000, help="clients in scenario e")
+    p.add_argument(
+        "--restart-small", type=int, default=1000, help="clients in the smaller run of scenario e"
+    )
     p.add_argument(
         "--receivers",
         type=lambda v: [int(x) for x in v.split(",")],
@@ -961,6 +1138,11 @@ def main(argv: list[str] | None = None) -> int:
     if "d" in args.scenarios:
         plan.append(("d", "storm_10", lambda: join_storm(args, 10, rounds)))
         plan.append(("d", "storm_100", lambda: join_storm(args, 100, rounds)))
+    if "e" in args.scenarios:
+        for n in (args.restart_small, args.restart):
+            plan.append(
+                ("e", f"restart_{n}", lambda n=n: restart_gap(args, n, 1 if args.quick else 3))
+            )
     failed = False
     for _letter, key, run in plan:
         print(f"== {key}", file=sys.stderr, flush=True)

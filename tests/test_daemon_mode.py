@@ -91,7 +91,9 @@ class Detached:
     def events(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():
             return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+        # chatd's own one-line errors (on stderr, the log file too) are no events.
+        lines = self.log_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
 
     def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
         def find() -> dict[str, Any] | None:
@@ -336,3 +338,99 @@ def test_the_daemon_drops_root_once_bound_and_keeps_its_files(tmp_path: Path) ->
     finally:
         d.kill()
         shutil.rmtree(public, ignore_errors=True)
+
+
+# Restart without dropping anyone: SIGUSR2 to chatd --daemon.
+
+
+def restart(d: Detached) -> int:
+    """SIGUSR2, then the new chatd's pid once it took over (the pidfile follows it)."""
+    old = d.pid
+    handovers = len([e for e in d.events() if e["event"] == "handover"])
+    os.kill(old, signal.SIGUSR2)
+    wait_until(
+        "the handover", lambda: len([e for e in d.events() if e["event"] == "handover"]) > handovers
+    )
+    wait_until("the old chatd to leave", lambda: not alive(old))
+    new = int(d.pidfile.read_text())
+    assert new != old and alive(new)
+    d.pid = new
+    return new
+
+
+def test_sigusr2_restarts_the_daemon_and_every_connection_stays(detached: Detached) -> None:
+    detached.daemonize()
+    alice = Client(detached.port)
+    alice.join("alice")
+    bob = Client(detached.port, source="127.0.0.2")
+    bob.join("bob")
+    carol = Client(detached.port, source="127.0.0.3")
+    carol.join("carol")
+    ports = [c.sock.getsockname() for c in (alice, bob, carol)]
+    for c in (alice, bob):
+        c.recv_text(NOTICE)  # carol joined, at least
+    bob.send_raw(b"10        partial ")  # a frame begun before the restart...
+    sent = 0
+    for _ in range(2):
+        for _ in range(15):  # a numbered stream, sent across the restart
+            alice.send(f"n{sent}")
+            sent += 1
+        restart(detached)
+    for _ in range(15):
+        alice.send(f"n{sent}")
+        sent += 1
+    bob.send_raw(b"\xc3\xa9")  # ...and ended after it
+    for reader in (bob, carol):
+        assert [reader.recv_text("alice", timeout=10) for _ in range(sent)] == [
+            f"n{i}" for i in range(sent)
+        ]
+    assert carol.recv_text("bob") == "partial é"
+    bob.send("both ways")
+    assert [alice.recv_text("bob") for _ in range(2)] == ["partial é", "both ways"]
+    assert [c.sock.getsockname() for c in (alice, bob, carol)] == ports  # the same connections
+    took = [e for e in detached.events() if e["event"] == "handover_taken"]
+    assert [(e["connections"], e["users"]) for e in took] == [(3, 3), (3, 3)]
+    stats = json.loads(chatctl_json(detached, "stats"))
+    assert stats["users"] == 3 and stats["messages"] >= sent
+    os.kill(detached.pid, signal.SIGTERM)  # a stop after the restarts says goodbye
+    assert alice.expect_closed()[-1] == (NOTICE, "the server is shutting down")
+    wait_until("the daemon to exit", lambda: not alive(detached.pid))
+    assert not detached.pidfile.exists()
+
+
+def test_a_restart_into_a_bad_config_is_refused_and_the_old_chatd_serves_on(
+    detached: Detached,
+) -> None:
+    detached.daemonize()
+    alice = Client(detached.port)
+    alice.join("alice")
+    bob = Client(detached.port, source="127.0.0.2")
+    bob.join("bob")
+    detached.config_path.write_text(yaml.safe_dump({**detached.config, "max_clients": "many"}))
+    old = detached.pid
+    os.kill(old, signal.SIGUSR2)
+    failed = detached.wait_for("restart_failed")
+    assert "max_clients: expected an integer" in failed["error"]
+    assert alive(old) and int(detached.pidfile.read_text()) == old
+    alice.send("still here")
+    assert bob.recv_text("alice") == "still here"
+
+
+def chatctl_json(d: Detached, cmd: str) -> str:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatd.ctl",
+            "--socket",
+            str(d.config["control"]["socket"]),
+            "--json",
+            cmd,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout

@@ -10,7 +10,8 @@ import pytest
 from chatd.wire import control
 from chatd.wire.control import RequestError
 
-ALL_COMMANDS = "ban, bans, kick, list, reload, say, stats, unban"
+# Sorted, as the error lists them (COMMANDS itself is in another order).
+ALL_COMMANDS = ", ".join(sorted(control.COMMANDS))
 
 
 def refused(line: bytes) -> tuple[str, str]:

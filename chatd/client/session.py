@@ -71,6 +71,8 @@ OUTCOMES: dict[str, Outcome] = {
     notices.FLOODING.kind: Outcome(DISCONNECTED, retry=True),
     notices.IDLE.kind: Outcome(DISCONNECTED, retry=True),
     notices.SHUTDOWN.kind: Outcome(DISCONNECTED, retry=True),
+    notices.RESTART_LOST.kind: Outcome(DISCONNECTED, retry=True),
+    notices.RESTART_FAILED.kind: Outcome(DISCONNECTED, retry=True),
     notices.KICKED.kind: Outcome(KICKED, retry=False),
     notices.BANNED.kind: Outcome(BANNED, retry=False),
 }

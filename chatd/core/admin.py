@@ -56,6 +56,9 @@ class Daemon(Protocol):
     def counters(self) -> dict[str, int]:
         """connections (now), bytes_in and bytes_out (in all)."""
 
+    def arm_handover(self) -> None:
+        """The next SIGTERM is a restart; raises ReloadFailed if one cannot hand over."""
+
 
 Handler = Callable[[Daemon, Admin, dict[str, Any]], Any]
 HANDLERS: dict[str, Handler] = {}
@@ -182,6 +185,16 @@ def cmd_reload(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
     except ReloadFailed as e:  # logged by the daemon
         raise RequestError(FAILED, f"reload failed, the old config stays: {e}") from None
     return {"applied": applied, "needs_restart": restart}
+
+
+@command("handover")
+def cmd_handover(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    try:
+        daemon.arm_handover()
+    except ReloadFailed as e:
+        raise RequestError(FAILED, f"handover: {e}") from None
+    _log().info("handover_armed", admin_uid=admin.uid)
+    return {"armed": True}
 
 
 # Bans.

@@ -92,6 +92,27 @@ class Admission:
             return False
         return self.rng() < (self.handshakes - start) / (full - start + 1)
 
+    def readmit(self, m: Entrant, joined: bool, bucket: tuple[float, float] | None) -> None:
+        """Count in a connection the chatd before this one had (a restart), as it was:
+        no checks, its address's bucket with the tokens it had at ``bucket`` (tokens,
+        stamp), or none."""
+        key = m.address = address_key(m.peer_host)
+        self.places += 1
+        self._places[key] = self._places.get(key, 0) + 1
+        if not joined:
+            self.handshakes += 1
+            self._handshakes[key] = self._handshakes.get(key, 0) + 1
+        m.bucket = None
+        if bucket is not None:
+            shared = self._buckets.get(key)
+            if shared is None:
+                flood = self.settings.flood
+                restored = TokenBucket(flood.rate, flood.burst, bucket[1])
+                restored.tokens = min(bucket[0], restored.burst)
+                shared = (restored, 0)
+            self._buckets[key] = (shared[0], shared[1] + 1)
+            m.bucket = shared[0]
+
     def joined(self, m: Entrant) -> None:
         """``m`` sent its name: it holds a place, no more a handshake."""
         self._handshake_done(m.address)
@@ -131,6 +152,10 @@ class Admission:
             self._buckets[key] = (bucket, users - 1)
         else:
             del self._buckets[key]
+
+    def buckets(self) -> list[tuple[str, TokenBucket]]:
+        """The flood buckets, by address (a restart hands them over)."""
+        return [(key, bucket) for key, (bucket, _) in self._buckets.items()]
 
     def rebucket(self, m: Entrant, now: float) -> None:
         """Give ``m`` the bucket the settings now say (a reload)."""

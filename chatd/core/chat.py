@@ -179,6 +179,18 @@ class Chat:
         self.host.call_at(m.accepted + self.settings.handshake_timeout, self._handshake_expired, m)
         return True
 
+    def readmit(self, m: Member, bucket: tuple[float, float] | None) -> None:
+        """A connection the chatd before this one had (a restart), as it was: counted
+        in, a member again in the order it joined, without the checks or the notices
+        of a first arrival (``m.state`` and ``m.name`` are already its own)."""
+        joined = m.state is JOINED
+        self.admission.readmit(m, joined, bucket)
+        if joined:
+            self.room.join(m)
+        else:
+            due = m.accepted + self.settings.handshake_timeout
+            self.host.call_at(due, self._handshake_expired, m)
+
     def name_received(self, m: Member, name: str) -> None:
         cfg = self.settings
         problem = name_problem(name, cfg.max_name_bytes)

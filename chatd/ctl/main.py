@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -130,6 +131,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("text", nargs="+", help="the notice (the words are joined with spaces)")
     cmd("stats", "show the daemon's counters")
     cmd("reload", "re-read the config file, as SIGHUP does")
+    c = cmd(
+        "systemd-stop",
+        "for chatd.service's ExecStop=: if systemd is restarting UNIT, have chatd hand "
+        "every connection over to the next chatd; if it is stopping it, nothing (chatd "
+        "then tells everyone goodbye)",
+    )
+    c.add_argument("unit", metavar="UNIT", help="the unit systemd is stopping (%%n)")
     return p
 
 
@@ -428,6 +436,7 @@ SHOW: dict[str, Callable[[Any], str]] = {
     "say": show_say,
     "stats": show_stats,
     "reload": show_reload,
+    "handover": lambda result: "chatd hands every connection over at its next SIGTERM",
 }
 
 
@@ -449,8 +458,33 @@ def arguments(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+RESTART_JOBS = ("restart", "try-restart", "reload-or-restart")
+
+
+def restarting(unit: str) -> bool:
+    """Whether systemd's job for ``unit`` is a restart (as root: systemctl list-jobs)."""
+    try:
+        done = subprocess.run(
+            ["systemctl", "list-jobs", "--no-legend", "--plain", unit],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    for line in done.stdout.splitlines():
+        fields = line.split()  # JOB UNIT TYPE STATE
+        if len(fields) >= 3 and fields[1] == unit and fields[2] in RESTART_JOBS:
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "systemd-stop":
+        if not restarting(args.unit):
+            return OK  # a stop: chatd says goodbye on SIGTERM
+        args.command = "handover"
     try:
         path, group = control_socket(args)
         result = request(path, group, args.command, arguments(args), args.timeout)

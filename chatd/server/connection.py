@@ -35,15 +35,17 @@ class Connection(Outbox):
         "name",
         "peer",
         "peer_host",
+        "serial",
         "server",
         "since",
         "state",
         "warned_at",
     )
 
-    def __init__(self, server: Server, sock: socket.socket, peer: Any) -> None:
+    def __init__(self, server: Server, sock: socket.socket, peer: Any, serial: int) -> None:
         super().__init__(server.loop, sock)
         self.server = server
+        self.serial = serial  # its name in the service manager's fd store: c<serial>
         self.peer_host: str = peer[0]
         self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         self.address = self.peer_host  # what it counts against: set by the chat

@@ -77,10 +77,22 @@ class ControlServer:
         self._denied_log = TokenBucket(DENIED_LOG_RATE, DENIED_LOG_BURST, time.monotonic())
         self._denied_suppressed = 0  # control_denied events not logged since the last
 
-    def open(self) -> None:
-        """Bind the control socket: a live one is never taken over, a stale one is replaced."""
+    def open(self, inherited: socket.socket | None = None) -> None:
+        """Bind the control socket: a live one is never taken over, a stale one is
+        replaced; or serve ``inherited``, the one the chatd before this had (a restart)."""
         cfg = self.server.config.control
         self.path = path = cfg.socket
+        if inherited is not None and path and _names(inherited, path):
+            self.resolve_group(self.server.config)
+            st = os.lstat(path)
+            self._ident = (st.st_dev, st.st_ino)
+            inherited.setblocking(False)
+            self.sock = inherited
+            self.server.loop.register(inherited, READ, self)
+            return
+        if inherited is not None:
+            # Moved or turned off since, or its file is gone: a new one is bound.
+            inherited.close()
         if not path:
             return
         self.resolve_group(self.server.config)
@@ -179,13 +191,21 @@ class ControlServer:
                 error=e.strerror,
             )
 
-    def close(self) -> None:
+    def close_connections(self) -> None:
+        for conn in list(self.conns):
+            conn.close_now()
+
+    def close(self, *, keep_file: bool = False) -> None:
+        """Close the socket and its connections; remove its file, unless ``keep_file``
+        (the next chatd serves the same socket)."""
         for conn in list(self.conns):
             conn.close_now()
         if self.sock is not None:
             self.server.loop.unregister(self.sock)
             self.sock.close()
             self.sock = None
+            if keep_file:
+                return
             # Remove the file only if it is still ours.
             with contextlib.suppress(OSError):
                 st = os.lstat(self.path)
@@ -245,6 +265,14 @@ class ControlServer:
         if groups is None:
             groups = _process_groups(admin.pid)
         return gid in groups
+
+
+def _names(sock: socket.socket, path: str) -> bool:
+    """Whether ``sock`` is bound at ``path`` and that file is still there, a socket."""
+    try:
+        return bool(sock.getsockname() == path and stat.S_ISSOCK(os.lstat(path).st_mode))
+    except OSError:
+        return False
 
 
 def probe_control_socket(path: str) -> bool:

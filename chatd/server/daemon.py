@@ -31,7 +31,7 @@ from typing import Any
 
 import daemon  # type: ignore[import-untyped]
 
-from chatd.server import systemd
+from chatd.server import handover, systemd
 from chatd.server.config import Config, ConfigError
 from chatd.server.control import probe_control_socket
 from chatd.server.errors import StartupError
@@ -155,6 +155,16 @@ class PidFile:
             os.close(fd)
         raise PidFileError(f"cannot take pidfile {self.path}: it keeps being replaced")
 
+    @classmethod
+    def inherited(cls, fd: int) -> PidFile:
+        """The pidfile a chatd that started this one holds locked on ``fd`` (the lock
+        comes with the descriptor): ours now, our pid written in it."""
+        pidfile = cls(os.readlink(f"/proc/self/fd/{fd}"))
+        pidfile.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return pidfile
+
     def release(self) -> None:
         if self.fd is None:
             return
@@ -206,7 +216,10 @@ def run(
         identity = Identity.of(cfg.daemon.user, cfg.daemon.group, allow_root)
     except ValueError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
+        handover.cannot_start(str(e))
         return 2
+    if os.environ.get(handover.HANDOVER_VARIABLE):
+        return _take_over(cfg, config_path, overrides)
     pidfile = PidFile(os.path.abspath(pidfile_path))
     pid = pidfile.holder()
     if pid is not None:
@@ -256,7 +269,7 @@ def run(
         ready.error(str(e))
         return 1
     try:
-        return _serve(cfg, config_path, sockets, overrides, ready, identity)
+        return _serve(cfg, config_path, sockets, overrides, ready, identity, pidfile.fd)
     finally:
         ready.error("chatd exited during start-up")  # no-op once "ok" was sent
         context.close()
@@ -323,6 +336,7 @@ def _serve(
     overrides: dict[str, Any] | None,
     ready: _Report,
     identity: Identity | None,
+    pidfile_fd: int | None,
 ) -> int:
     try:
         server = Server(cfg, config_path, systemd.Notifier.from_environ(), overrides=overrides)
@@ -341,7 +355,46 @@ def _serve(
             ready.error(str(e) if isinstance(e, StartupError) else f"cannot drop root: {e}")
             return 1
         ready.ok()
+        server.daemon_argv = handover.daemon_argv()  # SIGUSR2 starts the next chatd
+        server.pidfile_fd = pidfile_fd
         return server.run()
     finally:
         server.close_all()
         server.notifier.close()
+
+
+def _take_over(cfg: Config, config_path: str | None, overrides: dict[str, Any] | None) -> int:
+    """A chatd --daemon started this one on SIGUSR2: take its sockets and state, tell
+    it so, and serve; or tell it why not (it goes on serving) and exit 1."""
+    try:
+        inherited = handover.Inherited.take()
+    except systemd.ActivationError as e:
+        handover.cannot_start(str(e))
+        return 1
+    assert inherited is not None
+    pidfile: PidFile | None = None
+    if inherited.state is None:
+        inherited.report(f"error: {inherited.state_error}")
+        return 1
+    try:
+        server = Server(cfg, config_path, systemd.Notifier.from_environ(), overrides=overrides)
+    except ConfigError as e:
+        inherited.report(f"error: {e}")
+        return 1
+    try:
+        try:
+            server.open(inherited=inherited)
+        except StartupError as e:
+            inherited.report(f"error: {e}")
+            return 1
+        server.daemon_argv = handover.daemon_argv()
+        server.pidfile_fd = inherited.pidfile_fd
+        if inherited.pidfile_fd is not None:
+            pidfile = PidFile.inherited(inherited.pidfile_fd)
+        inherited.report("ok")
+        return server.run()
+    finally:
+        server.close_all()
+        server.notifier.close()
+        if pidfile is not None and not server.handed_over:
+            pidfile.release()

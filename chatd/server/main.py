@@ -9,9 +9,11 @@ import sys
 from typing import Any
 
 from chatd import __version__
-from chatd.server import config, systemd
+from chatd.server import config, handover, systemd
 from chatd.server.errors import StartupError
+from chatd.server.handover import Inherited
 from chatd.server.server import Server
+from chatd.wire import notices
 
 
 def parser() -> argparse.ArgumentParser:
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.override(cfg, overrides(args), "command line")
     except config.ConfigError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
+        if not args.check_config:
+            handover.cannot_start(str(e))
         return 2
     if args.check_config:
         print(f"chatd: {path or 'built-in defaults'}: configuration is valid")
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_root=args.allow_root,
         )
     try:
-        sockets = systemd.listen_fds()
+        inherited = Inherited.take()
     except systemd.ActivationError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
         return 1
@@ -142,13 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(cfg, path, systemd.Notifier.from_environ(), overrides=overrides(args))
     except config.ConfigError as e:  # log.file cannot be opened
         print(f"chatd: error: {e}", file=sys.stderr)
+        if inherited is not None:
+            inherited.refuse(notices.RESTART_FAILED(error=str(e)))
         return 1
+    if server.notifier.enabled:
+        server.fdstore = systemd.fdstore_size()
     try:
-        server.open(sockets)
+        server.open(inherited=inherited)
     except StartupError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
+        if inherited is not None:
+            inherited.refuse(notices.RESTART_FAILED(error=str(e)))
         server.close_all()
         return 1
+    if inherited is not None and inherited.state is not None:
+        server.notifier.unstore("state")  # taken: the next restart stores its own
     try:
         return server.run()
     finally:

@@ -89,6 +89,10 @@ class Outbox:
             self.update_interest()
             self._over_limit()
 
+    def pending_output(self) -> bytes:
+        """What is queued, not yet sent (handed to the next chatd at a restart)."""
+        return b"".join(self._queue) if self._queue else b""
+
     def flush(self) -> None:
         """Send queued bytes; called when the socket is writable."""
         queue = self._queue

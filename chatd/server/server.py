@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import signal
 import socket
@@ -25,15 +26,17 @@ from chatd.core.admin import ReloadFailed
 from chatd.core.bans import Bans, StateError
 from chatd.core.chat import Chat, Member
 from chatd.server import config as configmod
-from chatd.server import log, state
+from chatd.server import handover, log, state
 from chatd.server.config import Config
 from chatd.server.connection import Connection
 from chatd.server.control import AdminConn, ControlServer
 from chatd.server.errors import StartupError
+from chatd.server.handover import Inherited
 from chatd.server.listeners import bind_all, raise_nofile_limit, sock_address
 from chatd.server.loop import READ, Loop
 from chatd.server.outbox import CLOSING
 from chatd.server.systemd import Notifier, monotonic_usec, watchdog_usec
+from chatd.wire import notices
 
 RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
 ACCEPT_BATCH = 128  # connections accepted per listener per pass
@@ -64,7 +67,13 @@ class Server:
         # (connection, reason, log fields).
         self.failed: list[tuple[Connection, str, dict[str, Any]]] = []
         self.stopping = False
+        self.handed_over = False  # the next chatd has the sockets: close, tell nobody
+        self.handover_armed = False  # the next SIGTERM is a restart (chatctl systemd-stop)
         self._stop_deadline = 0.0
+        self._serials = itertools.count(1)  # connections' names in the fd store
+        self.fdstore = 0  # descriptors the service manager keeps for us (0: none)
+        self.daemon_argv: list[str] | None = None  # --daemon: how to start the next chatd
+        self.pidfile_fd: int | None = None
         self.notifier = notifier or Notifier(None)
         self._status_scheduled = False
         self._reload_error: str | None = None  # shown in STATUS= until a reload succeeds
@@ -102,6 +111,15 @@ class Server:
 
     # The Daemon of the admin commands (reload is below).
 
+    def arm_handover(self) -> None:
+        """The service manager is restarting chatd: the next SIGTERM hands over."""
+        if not self.fdstore:
+            raise ReloadFailed(
+                "no file descriptor store (FileDescriptorStoreMax= and FDSTORE=): "
+                "a restart ends every connection"
+            )
+        self.handover_armed = True
+
     def counters(self) -> dict[str, int]:
         live = self.conns.values()
         stats = self.chat.stats
@@ -113,8 +131,15 @@ class Server:
 
     # Start-up.
 
-    def open(self, sockets: list[socket.socket] | None = None, *, signals: bool = True) -> None:
-        """Load the bans; bind the control socket and the listeners (or adopt ``sockets``).
+    def open(
+        self,
+        sockets: list[socket.socket] | None = None,
+        *,
+        signals: bool = True,
+        inherited: Inherited | None = None,
+    ) -> None:
+        """Load the bans; bind the control socket and the listeners (or adopt
+        ``sockets``, or what the chatd before this one handed over: ``inherited``).
 
         Then install the signal wake-up (not for a server run by a test).
         """
@@ -123,13 +148,24 @@ class Server:
             self.chat.moderation.load_bans(state.load(self.config.state_file))
         except StateError as e:
             raise StartupError(str(e)) from None
-        self.control.open()
-        socks = sockets if sockets is not None else bind_all(self.config.listen)
+        self.control.open(inherited.control if inherited else None)
+        if inherited is not None and inherited.listeners:
+            socks = inherited.listeners
+        else:
+            socks = sockets if sockets is not None else bind_all(self.config.listen)
         self.listeners = [Listener(self, s) for s in socks]
+        self._store_listening()
+        adopted = handover.adopt(self, inherited) if inherited is not None else 0
         if signals:
-            signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
             self.loop.install_signals(signums, self._on_signal)
         self.chat.start_idle_sweep()
+        if inherited is not None:
+            if inherited.state_error:
+                self.log.error("handover_refused", error=inherited.state_error)
+            self.log.info("handover_taken", connections=adopted, users=len(self.chat.room))
+            if len(self.chat.room):
+                self.chat.say(notices.RESTARTED(version=__version__))
         self.log.info(
             "startup",
             version=__version__,
@@ -156,15 +192,16 @@ class Server:
             self.call_at(time.monotonic() + interval, self._watchdog, interval)
 
     def close_all(self) -> None:
-        """Release everything (after run(), or if it never ran)."""
+        """Release everything (after run(), or if it never ran).  After a handover the
+        sockets are only closed here: the next chatd has them, the files stay."""
         log.defer(False)
         for conn in list(self.conns.values()):
             conn.close_now()
-        self._reap()
+        self.reap()
         for lst in self.listeners:
             lst.close()
         self.listeners = []
-        self.control.close()
+        self.control.close(keep_file=self.handed_over)
         self.loop.close()
 
     # The loop.
@@ -180,19 +217,21 @@ class Server:
 
     @property
     def done(self) -> bool:
-        """Stopped, and every connection closed or the grace time over."""
+        """Handed over, or stopped and every connection closed or the grace time over."""
+        if self.handed_over:
+            return True
         return self.stopping and (not self.conns or time.monotonic() >= self._stop_deadline)
 
     def step(self) -> None:
         """One pass of the loop."""
         self.loop.guard("log", log.flush)
         due = 0.0 if self.doomed or self.failed else self.chat.next_flush()
-        self.loop.run_pass(due, (self._fan_out, self._settle), (self._reap,))
+        self.loop.run_pass(due, (self._fan_out, self.settle), (self.reap,))
 
     def _fan_out(self) -> None:
         self.chat.flush()
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """Drop the members whose delivery failed this pass, now that nobody walks the room."""
         room = self.chat.room
         while room.failures or self.failed:
@@ -213,7 +252,7 @@ class Server:
         elif isinstance(data, AdminConn):
             data.close_now()
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
         doomed, self.doomed = self.doomed, []
         stats = self.chat.stats
         for conn in doomed:
@@ -223,17 +262,38 @@ class Server:
                 stats.bytes_out += conn.bytes_out
                 self.loop.unregister(conn.sock)
                 conn.sock.close()
+                if not self.handed_over:
+                    self.unstore(conn.serial)
 
     # Accepting.
 
     def accept(self, sock: socket.socket, peer: Any) -> None:
+        conn = self.adopt(sock, peer, next(self._serials))
+        conn.update_interest()
+        if self.fdstore:  # so that a restart keeps it: removed again when it closes
+            self.notifier.store([conn.fd], f"c{conn.serial}")
+        self.chat.admit(conn)
+
+    def adopt(self, sock: socket.socket, peer: Any, serial: int) -> Connection:
+        """A connection of ours from now on (the chat does not know it yet)."""
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(self, sock, peer)
+        conn = Connection(self, sock, peer, serial)
         self.conns[conn.fd] = conn
-        conn.update_interest()
-        self.chat.admit(conn)
+        if serial >= next(self._serials) - 1:  # serials go on from the largest handed over
+            self._serials = itertools.count(serial + 1)
+        return conn
+
+    def unstore(self, serial: int) -> None:
+        if self.fdstore:
+            self.notifier.unstore(f"c{serial}")
+
+    def _store_listening(self) -> None:
+        if self.fdstore:
+            self.notifier.store([lst.sock.fileno() for lst in self.listeners], "listen")
+            if self.control.sock is not None:
+                self.notifier.store([self.control.sock.fileno()], "control")
 
     # Signals, shutdown and reload.
 
@@ -241,6 +301,10 @@ class Server:
         if signum == signal.SIGHUP:
             with contextlib.suppress(ReloadFailed):  # logged
                 self.reload()
+        elif signum == signal.SIGUSR2:
+            handover.restart_daemon(self)
+        elif signum == signal.SIGTERM and self.handover_armed:
+            handover.to_systemd(self)
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self.stop(signal.Signals(signum).name)
 

@@ -18,6 +18,36 @@ import time
 from collections.abc import Mapping, MutableMapping
 
 SD_LISTEN_FDS_START = 3
+SCM_MAX_FD = 253  # descriptors the kernel passes in one message
+
+
+def fdstore_size(environ: Mapping[str, str] | None = None) -> int:
+    """How many descriptors the manager keeps for chatd ($FDSTORE: set by systemd 254
+    and newer from FileDescriptorStoreMax=, and by chatd.service for older ones)."""
+    env = os.environ if environ is None else environ
+    value = env.get("FDSTORE", "")
+    return int(value) if value.isdigit() else 0
+
+
+def passed_fds(environ: MutableMapping[str, str] | None = None) -> list[tuple[int, str]] | None:
+    """The descriptors systemd passed (socket activation, the fd store) with their
+    names, or None when it passed none.  The variables are removed so that no child
+    takes them."""
+    env = os.environ if environ is None else environ
+    pid = env.pop("LISTEN_PID", "")
+    count = env.pop("LISTEN_FDS", "")
+    names = env.pop("LISTEN_FDNAMES", "")
+    if not pid or not count or pid != str(os.getpid()):
+        return None
+    if not count.isdigit() or int(count) < 1:
+        raise ActivationError(f"LISTEN_FDS: expected a positive number, got {count!r}")
+    fdnames = names.split(":") if names else []
+    passed = []
+    for i in range(int(count)):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        passed.append((fd, fdnames[i] if i < len(fdnames) else "unknown"))
+    return passed
 
 
 class ActivationError(Exception):
@@ -76,6 +106,24 @@ class Notifier:
             return False
         return True
 
+    def store(self, fds: list[int], name: str) -> bool:
+        """Keep ``fds`` in the manager's file descriptor store under ``name`` (FDSTORE=1):
+        the next chatd gets them back.  At most SCM_MAX_FD a message."""
+        if self.sock is None:
+            return False
+        message = f"FDSTORE=1\nFDNAME={name}".encode()
+        try:
+            for i in range(0, len(fds), SCM_MAX_FD):
+                socket.send_fds(self.sock, [message], fds[i : i + SCM_MAX_FD])
+        except OSError as e:
+            self.error = f"sd_notify FDSTORE failed: {e.strerror or e}"
+            return False
+        return True
+
+    def unstore(self, name: str) -> bool:
+        """Drop the descriptors stored under ``name`` (FDSTOREREMOVE=1)."""
+        return self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
@@ -125,6 +173,11 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.s
             s.close()
         raise
     return socks
+
+
+def adopt_listener(fd: int, label: str) -> socket.socket:
+    """The listening TCP socket ``fd``; ActivationError if it is not one."""
+    return _adopt(fd, label)
 
 
 def _adopt(fd: int, label: str) -> socket.socket:

@@ -50,6 +50,7 @@ COMMANDS: dict[str, Spec] = {
     "say": {"text": (str, True)},
     "stats": {},
     "reload": {},
+    "handover": {},  # the next SIGTERM is a restart: hand every connection over
 }
 
 

@@ -146,6 +146,15 @@ class FrameDecoder:
         except UnicodeDecodeError:
             raise BadEncoding("the payload is not valid UTF-8") from None
 
+    def unparsed(self) -> bytes:
+        """What was fed and not yet returned as frames, as a new decoder needs it to go
+        on where this one stopped (a restart hands it over); a header already read is
+        written again, left-justified."""
+        rest = bytes(self._buf[self._pos :])
+        if self._need < 0:
+            return rest
+        return b"%-*d" % (self.header_length, self._need) + rest
+
     def frames(self) -> list[str]:
         """Return every complete frame buffered so far."""
         out = []

@@ -125,6 +125,15 @@ FLOODING = _notice(
 )
 IDLE = _notice("idle", "disconnected: nothing sent for {seconds} seconds", ends=True)
 SHUTDOWN = _notice("shutdown", "the server is shutting down", ends=True)
+RESTARTED = _notice("restarted", "chatd restarted (version {version})")
+RESTART_LOST = _notice(
+    "restart_lost",
+    "the server restarted without what it knew of your connection; reconnect",
+    ends=True,
+)
+RESTART_FAILED = _notice(
+    "restart_failed", "the server could not restart ({error}); reconnect later", ends=True
+)
 KICKED = _notice("kicked", "you were kicked by an admin{why}", ends=True)
 BANNED = _notice("banned", "you were banned by an admin{terms}", ends=True)
 

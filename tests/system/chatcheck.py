@@ -5,6 +5,9 @@
     chatcheck.py too-long PORT BYTES  a message of BYTES bytes gets a protocol error
     chatcheck.py wait PORT SECONDS    connect (retrying until SECONDS), join, check welcome
     chatcheck.py hold PORT NAME SECONDS  join as NAME and stay for SECONDS
+    chatcheck.py restarts PORT DIR    alice, bob and carol chat while the test restarts
+                                      chatd: DIR/ready once joined, DIR/done ends it
+    chatcheck.py goodbye PORT NOTICE  join, then expect NOTICE as the last word
 
 Prints one line and exits 0 when all went as expected, 1 otherwise.
 """
@@ -24,11 +27,13 @@ def frame(text: str) -> bytes:
 
 
 class Client:
-    def __init__(self, port: int, retry_for: float = 0.0) -> None:
+    def __init__(self, port: int, retry_for: float = 0.0, source: str = "") -> None:
         deadline = time.monotonic() + retry_for
         while True:
             try:
-                self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+                self.sock = socket.create_connection(
+                    ("127.0.0.1", port), timeout=TIMEOUT, source_address=(source, 0)
+                )
                 break
             except ConnectionRefusedError:
                 if time.monotonic() >= deadline:
@@ -114,8 +119,63 @@ def main() -> None:
         except TimeoutError:
             pass
         print(f"ok: {sys.argv[3]} stayed")
+    elif mode == "restarts":
+        restarts(port, sys.argv[3])
+    elif mode == "goodbye":
+        client = Client(port)
+        client.join("leaving")
+        last = None
+        while (got := client.recv()) is not None:
+            last = got
+        if last is None or not last[1].startswith(sys.argv[3]):
+            fail(f"the last word was {last}, not {sys.argv[3]!r}")
+        print(f"ok: {last[1]}")
     else:
         fail(f"unknown mode {mode}")
+
+
+def restarts(port: int, where: str) -> None:
+    """A numbered stream from alice, across the restarts, must reach bob and carol whole
+    and in order on the same connections, and they must still reach alice."""
+    import os
+
+    alice, bob, carol = (
+        Client(port),
+        Client(port, source="127.0.0.2"),
+        Client(port, source="127.0.0.3"),
+    )
+    for name, c in (("alice", alice), ("bob", bob), ("carol", carol)):
+        c.join(name)
+    ports = [c.sock.getsockname() for c in (alice, bob, carol)]
+    open(os.path.join(where, "ready"), "w").close()
+    sent = 0
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(where, "done")):
+        if time.monotonic() > deadline:
+            fail("the restarts took more than 120 s")
+        alice.sock.sendall(frame(f"n{sent}"))  # 8 a second, under the flood limit of 10
+        sent += 1
+        time.sleep(0.125)
+    restarted = 0
+    for reader in (bob, carol):
+        got = []
+        while len(got) < sent:
+            pair = reader.recv()
+            if pair is None:
+                fail(f"closed after {got[-3:]} of {sent}")
+            if pair[0] == "alice":
+                got.append(pair[1])
+            elif pair[1].startswith("chatd restarted"):
+                restarted += 1
+        if got != [f"n{i}" for i in range(sent)]:
+            fail(f"the stream arrived as {got}")
+    bob.sock.sendall(frame("bob after the restarts"))
+    if alice.until("bob") != "bob after the restarts":
+        fail("alice did not get bob's message")
+    if [c.sock.getsockname() for c in (alice, bob, carol)] != ports:
+        fail("not the same connections")
+    print(f"ok: {sent} messages across the restarts, whole and in order", end="")
+    print(f"; {restarted // 2} restart notices")
 
 
 if __name__ == "__main__":

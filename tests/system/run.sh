@@ -235,6 +235,57 @@ B systemctl daemon-reload
 B systemctl restart chatd
 new=$(B systemctl show -p MainPID --value chatd)
 
+step "systemctl restart chatd, twice: the same connections chat on, nothing lost"
+B rm -rf /root/restarts && B mkdir /root/restarts
+B $CHECK restarts "$PORT" /root/restarts >"$STAGE/restarts.out" 2>&1 &
+checker=$!
+for i in $(seq 1 50); do B test -e /root/restarts/ready && break; sleep 0.1; done
+B test -e /root/restarts/ready || fail "the clients did not join"
+before=$(B systemctl show -p MainPID --value chatd)
+stored=$(B systemctl show -p NFileDescriptorStore --value chatd)
+echo "descriptors in the store: $stored"
+[ "${stored:-0}" -ge 5 ] || fail "the fd store holds $stored descriptors, not listener, control and 3 clients"
+if B systemd-analyze fdstore chatd >"$STAGE/fdstore" 2>&1; then cat "$STAGE/fdstore"; else echo "(no systemd-analyze fdstore in systemd $(B systemctl --version | head -n1 | cut -d' ' -f2))"; fi
+for round in 1 2; do
+    sleep 1
+    B systemctl restart chatd
+    after=$(B systemctl show -p MainPID --value chatd)
+    [ "$after" != "$before" ] || fail "restart $round did not start a new chatd"
+    wait_event handover_taken 'e["users"] == 3'
+    echo "restart $round: pid $before -> $after"
+    before=$after
+done
+sleep 1
+B touch /root/restarts/done
+wait "$checker" || fail "across the restarts: $(cat "$STAGE/restarts.out")"
+cat "$STAGE/restarts.out"
+
+step "a restart into a config that fails: the unit fails, saying why, and the clients are told"
+B cp /etc/chatd/chatd.yaml /root/chatd.yaml.good
+B $CHECK goodbye "$PORT" "the server could not restart" >"$STAGE/goodbye.out" 2>&1 &
+checker=$!
+sleep 1
+B sed -i 's/^max_clients: .*/max_clients: many/' /etc/chatd/chatd.yaml
+B systemctl restart chatd || true
+wait "$checker" || fail "the client was not told: $(cat "$STAGE/goodbye.out")"
+cat "$STAGE/goodbye.out"
+for i in $(seq 1 30); do [ "$(B systemctl is-active chatd || true)" = failed ] && break; sleep 0.2; done
+[ "$(B systemctl is-active chatd || true)" = failed ] || fail "chatd is $(B systemctl is-active chatd) after a restart into a bad config, not failed"
+B journalctl -u chatd --no-pager -o cat | grep -F "max_clients: expected an integer" | tail -n 1 ||
+    fail "the journal does not say why"
+B cp /root/chatd.yaml.good /etc/chatd/chatd.yaml
+B systemctl reset-failed chatd
+B systemctl start chatd
+new=$(B systemctl show -p MainPID --value chatd)
+
+step "systemctl stop after a restart: everyone is told goodbye"
+B systemctl restart chatd
+new=$(B systemctl show -p MainPID --value chatd)
+wait_event startup 'e["pid"] == '"$new"
+B $CHECK goodbye "$PORT" "the server is shutting down" >"$STAGE/goodbye.out" 2>&1 &
+checker=$!
+sleep 1
+
 step "systemctl stop chatd: inactive, control socket gone"
 wait_event startup 'e["pid"] == '"$new"
 B systemctl stop chatd
@@ -242,6 +293,10 @@ st=$(B systemctl is-active chatd || true)
 [ "$st" = inactive ] || fail "chatd is $st after stop"
 B test ! -e /run/chatd || fail "/run/chatd (the control socket's directory) is still there"
 wait_event shutdown
+wait "$checker" || fail "stopped after a restart, the client was not told: $(cat "$STAGE/goodbye.out")"
+cat "$STAGE/goodbye.out"
+stored=$(B systemctl show -p NFileDescriptorStore --value chatd)
+[ "${stored:-0}" = 0 ] || fail "the fd store still holds $stored descriptors after stop"
 
 step "socket activation: chatd.socket starts chatd on the first connection"
 # A second, privileged port (below 1024) that the unprivileged chatd serves all the same.
