@@ -28,11 +28,12 @@ from chatd.server import config as configmod
 from chatd.server import log, state
 from chatd.server.config import Config
 from chatd.server.connection import Connection
-from chatd.server.control import AdminConn, ControlServer
+from chatd.server.control import ControlServer
 from chatd.server.errors import StartupError
 from chatd.server.listeners import bind_all, raise_nofile_limit, sock_address
 from chatd.server.loop import READ, Loop
-from chatd.server.outbox import CLOSING
+from chatd.server.metrics import Metrics
+from chatd.server.outbox import CLOSING, Outbox
 from chatd.server.systemd import Notifier, monotonic_usec, watchdog_usec
 
 RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
@@ -72,6 +73,7 @@ class Server:
         self.chat = Chat(config, self, hot=log.hot)
         self.chat.log_messages = self._log_messages
         self.control = ControlServer(self)
+        self.metrics = Metrics(self)  # and its listener, metrics.listen
 
     # The Host of the chat.
 
@@ -111,6 +113,9 @@ class Server:
             "bytes_out": stats.bytes_out + sum(c.bytes_out for c in live),
         }
 
+    def metrics_text(self) -> str:
+        return self.metrics.text()
+
     # Start-up.
 
     def open(self, sockets: list[socket.socket] | None = None, *, signals: bool = True) -> None:
@@ -126,6 +131,7 @@ class Server:
         self.control.open()
         socks = sockets if sockets is not None else bind_all(self.config.listen)
         self.listeners = [Listener(self, s) for s in socks]
+        self.metrics.open()
         if signals:
             signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
             self.loop.install_signals(signums, self._on_signal)
@@ -137,6 +143,7 @@ class Server:
             config=self.config_path,
             listen=[sock_address(lst.sock) for lst in self.listeners],
             control=self.control.path or None,
+            metrics=self.metrics.address,
             bans=len(self.chat.bans),
             max_clients=self.config.max_clients,
             nofile=nofile,
@@ -164,6 +171,7 @@ class Server:
         for lst in self.listeners:
             lst.close()
         self.listeners = []
+        self.metrics.close()
         self.control.close()
         self.loop.close()
 
@@ -210,7 +218,7 @@ class Server:
         if isinstance(data, Connection):
             self.chat.drop(data, "internal error")
             data.close_now()
-        elif isinstance(data, AdminConn):
+        elif isinstance(data, Outbox):  # an admin's or a scraper's connection
             data.close_now()
 
     def _reap(self) -> None:
@@ -259,6 +267,7 @@ class Server:
         for lst in self.listeners:
             lst.close()
         self.listeners = []
+        self.metrics.close()
         for conn in list(self.conns.values()):
             if conn.link is CLOSING:  # refused or left earlier: no more lingering
                 conn.close_now()
