@@ -9,6 +9,7 @@ the real daemon, scraped over HTTP and parsed with prometheus_client's own parse
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import socket
 import time
@@ -577,6 +578,30 @@ def test_a_scraper_that_never_reads_does_not_stall_the_chat(start: Callable[...,
     for s in hogs:
         s.close()
     assert value(scrape(port), "chatd_users") == 2  # served again once they are gone
+
+
+def test_chatctl_metrics_is_the_http_body(start: Callable[..., Daemon]) -> None:
+    d = start(METRICS_ON)
+    port = metrics_port(d)
+    alice = d.client("alice")
+    alice.send("hello")
+    d.wait_for("message", user="alice")  # logged after the pass that took it
+    _, _, body = get(port)
+    r = d.ctl("metrics")
+    assert (r.returncode, r.stderr) == (0, "")
+
+    varying = ("chatd_loop_pass_seconds", "chatd_process_", "chatd_metrics_requests_total")
+
+    def steady(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not any(v in line for v in varying)]
+
+    assert r.stdout.endswith(
+        "# TYPE chatd_metrics_scrape_errors_total counter\nchatd_metrics_scrape_errors_total 0.0\n"
+    )
+    assert steady(r.stdout) == steady(body)
+    assert "chatd_messages_total 1.0" in steady(body) and len(steady(body)) > 60
+    js = d.ctl("--json", "metrics")
+    assert steady(json.loads(js.stdout)["text"]) == steady(body)
 
 
 def test_a_metrics_address_in_use_stops_the_start(tmp_path: Path) -> None:
