@@ -11,7 +11,9 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +105,25 @@ def test_every_metric_is_in_the_page_and_every_one_there_exists(server: Server) 
     # The parser names a counter's family without its _total.
     exposed = [f"{f.name}_total" if f.type == "counter" else f.name for f in families]
     assert documented_metrics() == exposed
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool (package prometheus)")
+def test_promtool_finds_the_names_right_and_the_readmes_config_and_alerts_valid(
+    server: Server, tmp_path: Path
+) -> None:
+    def promtool(*args: str, stdin: str = "") -> None:
+        r = subprocess.run(
+            ["promtool", *args], input=stdin, capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    promtool("check", "metrics", stdin=server.metrics.text())  # names, units, types
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme.split("\n## Metrics\n", 1)[1], re.S)
+    (tmp_path / "prometheus.yml").write_text(blocks[1])
+    (tmp_path / "rules.yml").write_text(blocks[2])
+    promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    promtool("check", "rules", str(tmp_path / "rules.yml"))
 
 
 def test_a_new_server_shows_every_figure_at_its_start(server: Server) -> None:
