@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -173,6 +174,22 @@ def test_the_counters_are_read_when_asked(server: Server) -> None:
     assert value(got, "chatd_loop_pass_seconds_sum") == pytest.approx(7.003)
 
 
+def test_openmetrics_when_the_scraper_asks_for_it(server: Server) -> None:
+    # What Prometheus 3 sends, OpenMetrics first.
+    accept = (
+        "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+        "text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+    )
+    rendered = server.metrics.render(accept)
+    assert rendered is not None
+    body, content_type = rendered
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n") and b"\nchatd_users 0.0\n" in body
+    rendered = server.metrics.render("")
+    assert rendered is not None
+    assert rendered == (server.metrics.text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
 def test_a_provider_adds_its_figures_and_one_that_fails_costs_only_its_own(
     server: Server,
 ) -> None:
@@ -224,7 +241,9 @@ class Endpoint:
         self.rendered: list[tuple[int, str]] = []  # (pass, Accept header)
         sock = bind(Address("127.0.0.1", 0), backlog=httpd.BACKLOG)
         self.port = sock.getsockname()[1]
-        self.listener = HttpListener(self.loop, sock, self.render, structlog.get_logger())
+        self.listener = HttpListener(
+            self.loop, sock, self.render, dict.fromkeys(httpd.CODES, 0), structlog.get_logger()
+        )
 
     def render(self, accept: str) -> tuple[bytes, str] | None:
         self.rendered.append((self.loop.passes, accept))
@@ -642,6 +661,44 @@ def test_a_metrics_address_in_use_stops_the_start(tmp_path: Path) -> None:
     assert r.stderr.endswith(
         f"chatd: error: metrics.listen: cannot listen on 127.0.0.1:{port}: address already in use\n"
     ), r.stderr
+
+
+def test_a_bug_in_answering_costs_that_connection_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = Running(tmp_path, metrics={"listen": "127.0.0.1:0"})
+    port = int(str(running.server.metrics.address).rsplit(":", 1)[1])
+
+    def buggy(method: bytes, target: bytes) -> int:
+        if target == b"/bug":
+            raise RuntimeError("a bug in the HTTP handling")
+        return route(method, target)
+
+    monkeypatch.setattr(httpd, "route", buggy)
+    outcome: list[Any] = []
+
+    def talk() -> None:
+        alice, bob = Client(running.port), Client(running.port)
+        alice.join("alice")
+        bob.join("bob")
+        alice.expect(NOTICE, "bob joined")
+        try:
+            get(port, "/bug")
+        except (http.client.RemoteDisconnected, ConnectionResetError) as e:
+            outcome.append(type(e))
+        outcome.append(get(port)[0])
+        bob.send("still here")
+        alice.expect("bob", "still here")
+
+    structlog.reset_defaults()
+    with capture_logs() as logs:
+        running.talk(talk)
+    assert outcome[1:] == [200] and len(outcome) == 2
+    (error,) = [e for e in logs if e["event"] == "internal_error"]
+    assert error["stage"] == "io" and "HttpConn" in error["connection"]
+    listener = running.server.metrics.listener
+    assert listener is not None and listener.conns == set()  # both closed, nothing left
+    running.close()
 
 
 def test_the_listener_closes_when_the_server_stops(tmp_path: Path) -> None:

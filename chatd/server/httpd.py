@@ -69,14 +69,21 @@ def route(method: bytes, target: bytes) -> int:
 class HttpListener:
     """The listening socket and its connections."""
 
-    def __init__(self, loop: Loop, sock: socket.socket, render: Render, log: Any) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        sock: socket.socket,
+        render: Render,
+        answered: dict[int, int],
+        log: Any,
+    ) -> None:
         self.loop = loop
         self.sock = sock
         self.render = render
+        self.answered = answered  # responses by status, counted here
         self.log = log
         self.address = sock_address(sock)
         self.conns: set[HttpConn] = set()
-        self.answered: dict[int, int] = dict.fromkeys(CODES, 0)  # responses by status
         self.accepting = False  # registered with the loop
         self.closed = False
         sock.setblocking(False)
@@ -184,6 +191,9 @@ class HttpConn(Outbox):
         self.loop.unregister(self.sock)
         self.interest = 0
         self.sock.close()
+        # Its timer may hold it a while yet: let go of the parser and what it buffered.
+        self.http = _CLOSED
+        self.request = None
 
     def flush(self) -> None:
         super().flush()
@@ -340,6 +350,9 @@ class HttpConn(Outbox):
             self._error(408, f"request timeout: a request must come within {REQUEST_TIMEOUT:g} s")
         else:
             self.close_after(None)  # waited long enough for another request
+
+
+_CLOSED = h11.Connection(h11.SERVER)  # what a closed connection keeps instead of its own
 
 
 def _head_size(request: h11.Request) -> int:

@@ -85,6 +85,7 @@ class Metrics:
             "process": self._process,
         }
         self.scrape_errors = 0
+        self.answered = dict.fromkeys(httpd.CODES, 0)  # HTTP responses by status
         self.listener: httpd.HttpListener | None = None
         self.registry = CollectorRegistry()
         self.registry.register(self)
@@ -100,7 +101,9 @@ class Metrics:
             sock = bind(address, backlog=httpd.BACKLOG)
         except StartupError as e:
             raise StartupError(f"metrics.listen: {e}") from None
-        self.listener = httpd.HttpListener(self.server.loop, sock, self.render, self.server.log)
+        self.listener = httpd.HttpListener(
+            self.server.loop, sock, self.render, self.answered, self.server.log
+        )
 
     @property
     def address(self) -> str | None:
@@ -271,13 +274,12 @@ class Metrics:
         )
 
     def _scrapes(self) -> Iterator[Metric]:
-        answered = self.listener.answered if self.listener else dict.fromkeys(httpd.CODES, 0)
         family = CounterMetricFamily(
             "chatd_metrics_requests_total",
             "HTTP requests to metrics.listen, by the status answered",
             labels=["code"],
         )
-        for code, n in sorted(answered.items()):
+        for code, n in sorted(self.answered.items()):
             family.add_metric([str(code)], n)
         yield family
         yield _counter(
