@@ -223,7 +223,9 @@ class HttpConn(Outbox):
         http = self.http
         while self.link is OPEN and not self.queued:
             if self._answered_in == self.loop.passes:
-                self._continue()  # one response a pass: the chat gets its turn
+                data, closed = http.trailing_data
+                if data or closed:
+                    self._continue()  # one response a pass: the chat gets its turn
                 break
             try:
                 event = http.next_event()
