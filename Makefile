@@ -72,7 +72,8 @@ fmt: $(STAMP)
 # package build with DESTDIR.  The chatd package goes to a private directory,
 # LIBDIR/chatd, with its dependencies installed there by pip (PIP_ARGS passes
 # options, say --no-index --find-links DIR; INSTALL_DEPS=no leaves them to the
-# system's packages: python3-yaml, python3-structlog, python3-daemon).
+# system's packages: python3-yaml, python3-structlog, python3-daemon, python3-h11,
+# python3-prometheus-client).
 # Small wrappers in BINDIR run the commands with INSTALL_PYTHON.
 PREFIX ?= /usr/local
 DESTDIR ?=

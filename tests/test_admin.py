@@ -645,7 +645,7 @@ def test_chatctl_with_a_missing_config_is_a_usage_error(tmp_path: Path) -> None:
 def test_chatctl_help_lists_every_command() -> None:
     r = chatctl("--help")
     assert r.returncode == 0
-    for cmd in ("list", "kick", "ban", "unban", "bans", "say", "stats", "reload"):
+    for cmd in ("list", "kick", "ban", "unban", "bans", "say", "stats", "metrics", "reload"):
         assert cmd in r.stdout
     assert "3 chatd not reachable" in " ".join(r.stdout.split())
 

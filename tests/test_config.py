@@ -133,6 +133,13 @@ def test_a_bad_listen_on_the_command_line_is_one_line(tmp_path: Path) -> None:
         ("listen: ['[]:1']", 'F: listen: [0]: expected a host ("0.0.0.0" or "::" for'),
         ("listen: ['0:1']", "F: listen: [0]: expected an IP address or host name, got '0'"),
         ("listen: [{host: '', port: 1}]", 'F: listen: [0]: expected a host ("0.0.0.0" or'),
+        ("metrics: {listen: 9464}", "F: metrics.listen: expected HOST:PORT, got 9464"),
+        ("metrics: {listen: [':9464']}", "F: metrics.listen: expected HOST:PORT, got [':9464']"),
+        ("metrics: {listen: ':9464'}", 'F: metrics.listen: expected a host ("0.0.0.0" or "::"'),
+        ("metrics: {listen: 'localhost'}", "F: metrics.listen: expected HOST:PORT, got 'local"),
+        ("metrics: {listen: '1.2.3.4:65536'}", "F: metrics.listen: expected an integer 0-65535"),
+        ("metrics: {port: 9464}", "F: metrics.port: unknown setting (known here: listen)"),
+        ("metrics: yes", "F: metrics: expected a mapping of settings, got True"),
         ("[1, 2]", "F: expected a mapping of settings, got [1, 2]"),
         (
             "header_length: 3\nmax_message_bytes: 1000",
@@ -176,6 +183,20 @@ def test_flood_section(tmp_path: Path) -> None:
     assert cfg.flood.max_dropped == config.defaults().flood.max_dropped
     assert [str(n) for n in cfg.flood.exempt] == ["10.1.2.3/32", "192.168.0.0/16", "::1/128"]
     assert config.defaults().flood.exempt == ()
+
+
+def test_metrics_listen_is_off_by_default_and_one_address_with_its_host(tmp_path: Path) -> None:
+    assert config.defaults().metrics.listen is None
+    assert config.load(write(tmp_path, "metrics: {listen: ''}")).metrics.listen is None
+    cfg = config.load(write(tmp_path, "metrics:\n  listen: 127.0.0.1:9464\n"))
+    assert cfg.metrics.listen == Address("127.0.0.1", 9464)
+    cfg = config.load(write(tmp_path, "metrics: {listen: '[::1]:0'}"))
+    assert cfg.metrics.listen == Address("::1", 0)
+    cfg = config.load(write(tmp_path, "metrics: {listen: {host: 0.0.0.0, port: 9464}}"))
+    assert str(cfg.metrics.listen) == "0.0.0.0:9464"
+    applied, restart = config.defaults().diff(cfg)
+    assert (applied, restart) == ([], ["metrics.listen"])  # a new listener needs a restart
+    assert config.defaults().merged_for_reload(cfg).metrics.listen is None
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ class FakeDaemon:
     def counters(self) -> dict[str, int]:
         return {"connections": 7, "bytes_in": 100, "bytes_out": 200}
 
+    def metrics_text(self) -> str:
+        return "# TYPE chatd_users gauge\nchatd_users 0.0\n"
+
     def ask(self, cmd: str, **args: Any) -> dict[str, Any]:
         return handle(self, ROOT, json.dumps({"cmd": cmd, "args": args}).encode())
 
@@ -94,6 +97,15 @@ def test_stats_add_the_daemon_counters() -> None:
     st = d.result("stats")
     assert (st["users"], st["connections"], st["connections_total"]) == (1, 7, 1)
     assert (st["bytes_in"], st["bytes_out"], st["uptime"] >= 0) == (100, 200, True)
+
+
+def test_metrics_is_the_daemons_text() -> None:
+    daemon = FakeDaemon()
+    assert daemon.result("metrics") == {"text": daemon.metrics_text()}
+    assert daemon.error("metrics", full=True) == (
+        "bad_request",
+        "metrics: unknown argument 'full' (arguments: none)",
+    )
 
 
 def test_reload_and_a_failed_one() -> None:

@@ -361,6 +361,26 @@ def test_a_kick_tells_the_user_and_the_room() -> None:
     assert last_notice(bob) == "you were kicked by an admin"
 
 
+def test_joins_and_leaves_are_counted_by_reason_and_refusals_are_not_leaves() -> None:
+    r = Room()
+    alice, bob, eve = r.join("alice"), r.join("bob"), r.join("eve")
+    waiting = r.connect()
+    r.chat.name_received(r.connect(), "alice")  # refused: rejected, never joined
+    r.chat.kick(eve, "spam", by=0)
+    r.chat.drop(bob, "quit")
+    r.chat.drop(bob, "closed")  # gone already: counted once
+    r.chat.drop(waiting, "closed")  # never joined: a disconnect, not a leave
+    stats = r.chat.stats
+    assert (stats.joins, stats.left, stats.rejected) == (
+        3,
+        {"kicked": 1, "quit": 1},
+        {"name taken": 1},
+    )
+    r.chat.stop()
+    assert stats.left == {"kicked": 1, "quit": 1, "shutdown": 1}
+    assert alice.state is GONE
+
+
 def test_shutdown_delivers_what_was_accepted_then_tells_everyone() -> None:
     r = Room()
     alice, bob = r.join("alice"), r.join("bob")

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from chatd.server import config
 from chatd.server.connection import Connection
-from chatd.server.loop import BACKOFF_MAX, ERROR_LOG_BURST, MAX_WAIT, Loop
+from chatd.server.loop import BACKOFF_MAX, ERROR_LOG_BURST, MAX_WAIT, Histogram, Loop
 from chatd.server.server import Server
 
 
@@ -143,6 +143,62 @@ def test_select_failing_does_not_spin(logs: list[dict[str, Any]]) -> None:
         loop.run_pass(0.0)
     assert time.monotonic() - t0 >= 0.1  # 1+2+4+...+64 ms at least: it waited
     assert all(e["stage"] == "select" for e in logs if e["event"] == "internal_error")
+
+
+class FakeTime:
+    """The loop's clock, moved by the test (and by sleep)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def test_each_pass_is_timed_from_waking_to_the_next_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatd.server import loop as loopmod
+
+    clock = FakeTime()
+    monkeypatch.setattr(loopmod, "time", clock)
+    loop = Loop()
+
+    def waiting(timeout: float | None = None) -> list[Any]:
+        clock.t += 5.0  # waiting in select() is not the pass's time
+        return []
+
+    loop.sel.select = waiting  # type: ignore[method-assign]
+    work = iter([0.0002, 0.003, 0.003, 0.001, 7.0])
+
+    def stage() -> None:
+        clock.t += next(work)
+
+    for _ in range(5):
+        loop.run_pass(None, (stage,))
+    clock.t += 0.5  # what the owner does between passes counts too
+    loop.run_pass(None)
+    h = loop.pass_seconds
+    assert h.count == 5 and h.sum == pytest.approx(0.0002 + 0.003 + 0.003 + 0.001 + 7.5)
+    got = dict(h.cumulative())
+    assert (got[0.0001], got[0.00025], got[0.001], got[0.0025], got[0.005]) == (0, 1, 2, 2, 4)
+    assert (got[2.5], got[float("inf")]) == (4, 5)
+
+
+def test_a_value_on_a_bound_is_in_that_bucket() -> None:
+    h = Histogram((0.1, 1.0))
+    for value in (0.1, 0.10001, 1.0, 1e9, 0.0):
+        h.observe(value)
+    assert h.counts == [2, 2, 1]
+    assert h.cumulative() == [(0.1, 2), (1.0, 4), (float("inf"), 5)]
+
+
+def test_internal_errors_are_counted_even_when_not_logged() -> None:
+    loop = Loop()
+    for _ in range(ERROR_LOG_BURST + 5):
+        loop.internal_error("test", None, RuntimeError("x"))
+    assert loop.internal_errors == ERROR_LOG_BURST + 5
 
 
 # A Server in process.

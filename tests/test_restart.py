@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,11 @@ WRAP = """
 import fcntl, os, sys
 fds = [int(f) for f in os.environ.pop("FDS").split(",") if f]
 high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]  # out of the way of 3..
+for fd in fds:
+    os.close(fd)  # only the copies at 3.. stay open, as with systemd
 for i, fd in enumerate(high):
     os.dup2(fd, 3 + i, inheritable=True)
+    os.close(fd)
 if fds:
     os.environ["LISTEN_FDS"] = str(len(fds))
     os.environ["LISTEN_PID"] = str(os.getpid())
@@ -313,3 +317,38 @@ def test_a_control_socket_whose_file_went_is_bound_again(manager: Manager) -> No
     assert r.returncode == 0, r.stderr
     assert "alice" in r.stdout
     alice.close()
+
+
+def test_the_metrics_listener_is_kept_across_a_restart(manager: Manager) -> None:
+    settings = yaml.safe_load(manager.config.read_text())
+    manager.config.write_text(yaml.safe_dump({**settings, "metrics": {"listen": "127.0.0.1:0"}}))
+    manager.start(with_store=False)
+    address = manager.wait_for("startup")["metrics"]
+    alice = Client(manager.port())
+    alice.join("alice")
+    manager.receive()
+    assert len(manager.store["metrics"]) == 1
+    assert manager.stop() == 0
+    manager.start(with_store=True)
+    assert manager.wait_for("startup")["metrics"] == address  # the same socket, port 0 or not
+    host, port = address.rsplit(":", 1)
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert "chatd_users 1.0" in text.splitlines()
+    manager.receive()
+    assert len(manager.store["metrics"]) == 1  # stored again, not twice
+
+
+def test_a_metrics_listener_turned_off_is_not_kept(manager: Manager) -> None:
+    settings = yaml.safe_load(manager.config.read_text())
+    manager.config.write_text(yaml.safe_dump({**settings, "metrics": {"listen": "127.0.0.1:0"}}))
+    manager.start(with_store=False)
+    host, port = manager.wait_for("startup")["metrics"].rsplit(":", 1)
+    assert manager.stop() == 0
+    manager.config.write_text(yaml.safe_dump(settings))
+    manager.start(with_store=True)
+    assert manager.wait_for("startup").get("metrics") is None
+    manager.receive()
+    assert "metrics" not in manager.store
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=5):
+        pass

@@ -1,4 +1,5 @@
-"""The admin commands (list, kick, ban, unban, bans, say, stats, reload), without I/O.
+"""The admin commands (list, kick, ban, unban, bans, say, stats, metrics, reload),
+without I/O.
 
 `handle()` answers one control request line with its reply object, never an
 exception: the request is checked by the control protocol (chatd.wire.control), then
@@ -58,6 +59,9 @@ class Daemon(Protocol):
 
     def arm_handover(self) -> None:
         """The next SIGTERM is a restart; raises ReloadFailed if one cannot hand over."""
+
+    def metrics_text(self) -> str:
+        """The metrics in the Prometheus text format, as metrics.listen serves them."""
 
 
 Handler = Callable[[Daemon, Admin, dict[str, Any]], Any]
@@ -175,6 +179,11 @@ def cmd_stats(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
         "kicks": st.kicks,
         "bans": len(chat.bans.active(chat.host.wall())),
     }
+
+
+@command("metrics")
+def cmd_metrics(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    return {"text": daemon.metrics_text()}
 
 
 @command("reload")

@@ -220,6 +220,7 @@ class Chat:
         m.state = JOINED
         self.admission.joined(m)
         room.join(m)
+        self.stats.joins += 1
         self.stats.peak_users = max(self.stats.peak_users, len(room))
         self.host.users_changed()
         self.hot("join", peer=m.peer, user=name)
@@ -406,6 +407,7 @@ class Chat:
             return
         if m.state is JOINED:
             self.room.leave(m)
+            self.stats.leave(reason)
             self.host.users_changed()
             if m.dropped:
                 fields["flood_dropped"] = m.dropped

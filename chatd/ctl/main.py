@@ -130,6 +130,11 @@ def parser() -> argparse.ArgumentParser:
     c = cmd("say", "send a server notice to everyone")
     c.add_argument("text", nargs="+", help="the notice (the words are joined with spaces)")
     cmd("stats", "show the daemon's counters")
+    cmd(
+        "metrics",
+        "print the metrics in the Prometheus text format, as metrics.listen serves them "
+        "(for node_exporter's textfile collector)",
+    )
     cmd("reload", "re-read the config file, as SIGHUP does")
     c = cmd(
         "systemd-stop",
@@ -435,6 +440,7 @@ SHOW: dict[str, Callable[[Any], str]] = {
     "bans": show_bans,
     "say": show_say,
     "stats": show_stats,
+    "metrics": lambda result: str(result["text"]).removesuffix("\n"),  # as it is, for a file
     "reload": show_reload,
     "handover": lambda result: "chatd hands every connection over at its next SIGTERM",
 }

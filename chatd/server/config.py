@@ -185,6 +185,13 @@ def addresses(value: Any) -> tuple[Address, ...]:
     return tuple(parsed)
 
 
+def address_or_off(value: Any) -> Address | None:
+    """One address, or "" for none."""
+    if value == "":
+        return None
+    return Address.parse(value)
+
+
 Network = IPNetwork
 
 
@@ -328,6 +335,17 @@ class ControlConfig:
     )
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Address | None = setting(  # noqa: RUF009
+        "",
+        address_or_off,
+        'where to serve GET /metrics over HTTP for Prometheus, "HOST:PORT" or "[IPV6]:PORT" '
+        '(such as "127.0.0.1:9464"; the host is never implied); "" for no listener',
+        reload=False,
+    )
+
+
 MiB = 1024 * 1024
 
 
@@ -391,6 +409,7 @@ class Config:
     log: LogConfig = section(LogConfig, "logging")  # noqa: RUF009
     control: ControlConfig = section(ControlConfig, "the admin control socket")  # noqa: RUF009
     daemon: DaemonConfig = section(DaemonConfig, "chatd --daemon")  # noqa: RUF009
+    metrics: MetricsConfig = section(MetricsConfig, "the metrics for Prometheus")  # noqa: RUF009
     state_file: str = setting(
         "/var/lib/chatd/state.json",
         file_path,

@@ -114,6 +114,8 @@ def restart_daemon(server: Server) -> None:
     handed += [c.fd for c in server.conns.values()]
     if server.control.sock is not None:
         handed.append(server.control.sock.fileno())
+    if server.metrics.listener is not None:
+        handed.append(server.metrics.listener.sock.fileno())
     env = dict(os.environ)
     env[HANDOVER_VARIABLE] = f"{memfd}:{w}" + (f":{pidfile}" if pidfile is not None else "")
     top = os.path.dirname(os.path.dirname(os.path.abspath(chatd.__file__)))
@@ -199,6 +201,8 @@ def snapshot(server: Server, *, fd_numbers: bool) -> bytes:
         doc["listeners"] = [lst.sock.fileno() for lst in server.listeners]
         control = server.control.sock
         doc["control"] = control.fileno() if control is not None else None
+        metrics = server.metrics.listener
+        doc["metrics"] = metrics.sock.fileno() if metrics is not None else None
     return json.dumps(doc).encode()
 
 
@@ -240,6 +244,7 @@ class Inherited:
 
     listeners: list[socket.socket] = field(default_factory=list)
     control: socket.socket | None = None
+    metrics: socket.socket | None = None  # metrics.listen's listener
     connections: dict[int, socket.socket] = field(default_factory=dict)  # serial -> socket
     state: dict[str, Any] | None = None
     state_error: str = ""  # why a state passed could not be used
@@ -264,6 +269,8 @@ class Inherited:
                 inherited._read_state(fd)
             elif name == "control":
                 inherited.control = socket.socket(fileno=fd)
+            elif name == "metrics":
+                inherited.metrics = socket.socket(fileno=fd)
             elif m:
                 inherited.connections[int(m.group(1))] = socket.socket(fileno=fd)
             else:
@@ -284,6 +291,8 @@ class Inherited:
                 ]
                 control = doc.get("control")
                 inherited.control = socket.socket(fileno=control) if control else None
+                metrics = doc.get("metrics")
+                inherited.metrics = socket.socket(fileno=metrics) if metrics else None
                 inherited.connections = {
                     c["serial"]: socket.socket(fileno=c["fd"]) for c in doc["connections"]
                 }
@@ -306,11 +315,6 @@ class Inherited:
         except (OSError, ValueError, HandoverError) as e:
             self.state_error = f"the state handed over: {e}"
             self.state = None
-
-    @property
-    def sockets(self) -> list[socket.socket]:
-        every = [*self.listeners, *self.connections.values()]
-        return every + ([self.control] if self.control is not None else [])
 
     def refuse(self, notice: str) -> None:
         """Tell every connection passed ``notice`` and close it: the handover is off

@@ -37,7 +37,7 @@ def bind_all(addresses: tuple[Address, ...]) -> list[socket.socket]:
     return socks
 
 
-def bind(addr: Address) -> socket.socket:
+def bind(addr: Address, backlog: int = BACKLOG) -> socket.socket:
     try:
         infos = socket.getaddrinfo(
             addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -51,7 +51,7 @@ def bind(addr: Address) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(BACKLOG)
+        sock.listen(backlog)
     except OSError as e:
         sock.close()
         raise StartupError(f"cannot listen on {addr}: {os_reason(e)}") from None

@@ -13,10 +13,15 @@ error the next wait lasts at least a backoff that doubles up to a second).
 
 Signals reach the loop as bytes on a socketpair (``signal.set_wakeup_fd``); their
 Python handlers do nothing.
+
+The loop times its passes, for the metrics: from waking up in select() to the next
+wait, one clock reading at each end and a fixed-bucket histogram, whatever the pass
+did (nothing is measured per event).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 import itertools
@@ -38,6 +43,54 @@ MAX_WAIT = 60.0  # seconds select() waits at most, whatever the timers say
 BACKOFF_MAX = 1.0  # seconds: the longest wait forced after passes with errors
 ERROR_LOG_RATE = 1.0  # internal_error events a second, after a burst of ERROR_LOG_BURST
 ERROR_LOG_BURST = 20
+
+
+# Seconds: the upper bounds of the buckets of a pass's duration.
+PASS_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+class Histogram:
+    """Observations counted into fixed buckets (each bound inclusive, as Prometheus'
+    ``le``), the last one unbounded; one bisect and two additions an observation."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, the last for the rest
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(bound, observations up to it) for each bound and then ``inf``."""
+        out = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
 
 
 class Handler(Protocol):
@@ -63,6 +116,9 @@ class Loop:
         self._suppressed = 0  # internal_error events not logged since the last one
         self.on_error: Callable[[Any], None] = lambda data: None  # the owner drops ``data``
         self.passes = 0
+        self.internal_errors = 0  # in all
+        self.pass_seconds = Histogram(PASS_BUCKETS)  # each pass's time from select() to select()
+        self._woke = 0.0  # monotonic time the current pass's select() returned
 
     # Sockets.
 
@@ -135,12 +191,15 @@ class Loop:
         soon, self._soon = self._soon, []  # what earlier passes asked for, not this one
         if soon:
             due = 0.0
+        if self._woke:  # the last pass (and what its owner did after it) is over
+            self.pass_seconds.observe(time.monotonic() - self._woke)
         try:
             events = self.sel.select(self._timeout(due))
         except Exception:
             self.internal_error("select", None)
             events = []
             time.sleep(self._backoff or 0.001)  # nothing can wait for us: do not spin
+        self._woke = time.monotonic()
         for key, mask in events:
             data = key.data
             try:
@@ -182,6 +241,7 @@ class Loop:
     def internal_error(self, stage: str, data: Any, error: BaseException | None = None) -> None:
         """Log the exception being handled (or ``error``), rate-limited; drop ``data``."""
         self._errors += 1
+        self.internal_errors += 1
         if self._error_log.take(time.monotonic()):
             fields: dict[str, Any] = {"stage": stage, "connection": repr(data)}
             if self._suppressed:

@@ -29,12 +29,13 @@ from chatd.server import config as configmod
 from chatd.server import handover, log, state
 from chatd.server.config import Config
 from chatd.server.connection import Connection
-from chatd.server.control import AdminConn, ControlServer
+from chatd.server.control import ControlServer
 from chatd.server.errors import StartupError
 from chatd.server.handover import Inherited
 from chatd.server.listeners import bind_all, raise_nofile_limit, sock_address
 from chatd.server.loop import READ, Loop
-from chatd.server.outbox import CLOSING
+from chatd.server.metrics import Metrics
+from chatd.server.outbox import CLOSING, Outbox
 from chatd.server.systemd import Notifier, monotonic_usec, watchdog_usec
 from chatd.wire import notices
 
@@ -81,6 +82,7 @@ class Server:
         self.chat = Chat(config, self, hot=log.hot)
         self.chat.log_messages = self._log_messages
         self.control = ControlServer(self)
+        self.metrics = Metrics(self)  # and its listener, metrics.listen
 
     # The Host of the chat.
 
@@ -129,6 +131,9 @@ class Server:
             "bytes_out": stats.bytes_out + sum(c.bytes_out for c in live),
         }
 
+    def metrics_text(self) -> str:
+        return self.metrics.text()
+
     # Start-up.
 
     def open(
@@ -154,6 +159,7 @@ class Server:
         else:
             socks = sockets if sockets is not None else bind_all(self.config.listen)
         self.listeners = [Listener(self, s) for s in socks]
+        self.metrics.open(inherited.metrics if inherited else None)
         self._store_listening()
         adopted = handover.adopt(self, inherited) if inherited is not None else 0
         if signals:
@@ -173,6 +179,7 @@ class Server:
             config=self.config_path,
             listen=[sock_address(lst.sock) for lst in self.listeners],
             control=self.control.path or None,
+            metrics=self.metrics.address,
             bans=len(self.chat.bans),
             max_clients=self.config.max_clients,
             nofile=nofile,
@@ -201,6 +208,7 @@ class Server:
         for lst in self.listeners:
             lst.close()
         self.listeners = []
+        self.metrics.close()
         self.control.close(keep_file=self.handed_over)
         self.loop.close()
 
@@ -249,7 +257,7 @@ class Server:
         if isinstance(data, Connection):
             self.chat.drop(data, "internal error")
             data.close_now()
-        elif isinstance(data, AdminConn):
+        elif isinstance(data, Outbox):  # an admin's or a scraper's connection
             data.close_now()
 
     def reap(self) -> None:
@@ -294,6 +302,9 @@ class Server:
             self.notifier.store([lst.sock.fileno() for lst in self.listeners], "listen")
             if self.control.sock is not None:
                 self.notifier.store([self.control.sock.fileno()], "control")
+            self.notifier.unstore("metrics")  # the one the chatd before had, if any
+            if self.metrics.listener is not None:
+                self.notifier.store([self.metrics.listener.sock.fileno()], "metrics")
 
     # Signals, shutdown and reload.
 
@@ -323,6 +334,7 @@ class Server:
         for lst in self.listeners:
             lst.close()
         self.listeners = []
+        self.metrics.close()
         for conn in list(self.conns.values()):
             if conn.link is CLOSING:  # refused or left earlier: no more lingering
                 conn.close_now()

@@ -49,6 +49,7 @@ COMMANDS: dict[str, Spec] = {
     "bans": {},
     "say": {"text": (str, True)},
     "stats": {},
+    "metrics": {},
     "reload": {},
     "handover": {},  # the next SIGTERM is a restart: hand every connection over
 }

@@ -235,6 +235,23 @@ B systemctl daemon-reload
 B systemctl restart chatd
 new=$(B systemctl show -p MainPID --value chatd)
 
+step "metrics.listen: the figures over HTTP from inside the sandbox (ProcSubset=pid), and chatctl metrics"
+B sed -i 's/^  listen: ""$/  listen: "127.0.0.1:9464"/' /etc/chatd/chatd.yaml
+B grep -q '^  listen: "127.0.0.1:9464"$' /etc/chatd/chatd.yaml || fail "could not set metrics.listen"
+B systemctl stop chatd  # a fresh start, so the counts below are this test's alone
+B systemctl start chatd
+new=$(B systemctl show -p MainPID --value chatd)
+wait_event startup 'e["pid"] == '"$new"' and e["metrics"] == "127.0.0.1:9464"'
+B $CHECK chat "$PORT"
+out=$(B python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9464/metrics", timeout=10).read().decode())') ||
+    fail "GET /metrics failed"
+for m in 'chatd_joins_total 2.0' 'chatd_messages_total 1.0' 'chatd_left_total{reason="quit"} ' \
+    'chatd_process_open_fds ' 'chatd_process_resident_memory_bytes ' 'chatd_process_max_fds '; do
+    grep -qF "$m" <<<"$out" || fail "GET /metrics lacks $m: $out"
+done
+grep -E '^chatd_(users|joins_total|process_open_fds) ' <<<"$out"
+B chatctl metrics | grep -qx 'chatd_joins_total 2.0' || fail "chatctl metrics does not count the joins"
+
 step "systemctl restart chatd, twice: the same connections chat on, nothing lost"
 B rm -rf /root/restarts && B mkdir /root/restarts
 B $CHECK restarts "$PORT" /root/restarts >"$STAGE/restarts.out" 2>&1 &
