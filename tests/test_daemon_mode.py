@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -414,6 +415,65 @@ def test_a_restart_into_a_bad_config_is_refused_and_the_old_chatd_serves_on(
     assert alive(old) and int(detached.pidfile.read_text()) == old
     alice.send("still here")
     assert bob.recv_text("alice") == "still here"
+
+
+def test_a_next_chatd_that_fails_once_ready_leaves_the_old_one_serving(
+    detached: Detached,
+) -> None:
+    """The next chatd reads its config and says ready; the old one hands everything
+    over; the next one cannot listen where its config says (the address is taken)
+    and gives it all back: nobody is dropped, nothing is lost, the control socket
+    stays."""
+    detached.daemonize()
+    alice = Client(detached.port)
+    alice.join("alice")
+    bob = Client(detached.port, source="127.0.0.2")
+    bob.join("bob")
+    alice.recv_text(NOTICE)  # bob joined
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = f"127.0.0.1:{taken.getsockname()[1]}"
+    detached.config_path.write_text(
+        yaml.safe_dump({**detached.config, "metrics": {"listen": busy}})
+    )
+    old = detached.pid
+    alice.send("before")
+    os.kill(old, signal.SIGUSR2)
+    failed = detached.wait_for("restart_failed")
+    assert "metrics.listen" in failed["error"] and failed["serving"] is True
+    alice.send("after")
+    assert [bob.recv_text("alice") for _ in range(2)] == ["before", "after"]
+    assert alive(old) and int(detached.pidfile.read_text()) == old
+    assert "alice" in chatctl_json(detached, "list")  # the control socket is still there
+    bob.send("both ways")
+    assert alice.recv_text("bob") == "both ways"
+    assert not [e for e in detached.events() if e["event"] == "handover_taken"]
+    taken.close()
+
+
+def test_the_metrics_listener_and_the_chat_go_on_across_sigusr2(tmp_path: Path) -> None:
+    d = Detached(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}})
+    try:
+        d.daemonize()
+        address = d.wait_for("startup")["metrics"]
+        alice = Client(d.port)
+        alice.join("alice")
+        old = d.pid
+        os.kill(old, signal.SIGUSR2)
+        d.wait_for("restart_begin")
+        os.kill(old, signal.SIGUSR2)  # a second while the next chatd starts: one restart
+        d.wait_for("restart_in_progress")
+        wait_until("the old chatd to leave", lambda: not alive(old))
+        d.pid = int(d.pidfile.read_text())
+        started = [e for e in d.events() if e["event"] == "startup"]
+        assert [e["metrics"] for e in started] == [address, address]
+        host, port = address.rsplit(":", 1)
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+            assert "chatd_users 1.0" in r.read().decode().splitlines()
+        assert alice.recv_text(NOTICE) == "chatd restarted (version 0.1.0)"
+    finally:
+        d.kill()
 
 
 def chatctl_json(d: Detached, cmd: str) -> str:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@lru_cache(maxsize=4096)  # the same peers over and over; the addresses are immutable
 def peer_address(host: str) -> IPAddress | None:
     """The address of a peer as the kernel reports it, an IPv4-mapped one as IPv4."""
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 from chatd.core.addresses import in_networks, peer_address
@@ -39,6 +40,7 @@ class Entrant(Protocol):
     bucket: TokenBucket | None
 
 
+@lru_cache(maxsize=4096)  # a LAN's hosts come back: a restart or a storm asks for each often
 def address_key(host: str) -> str:
     """What a peer's connections count against: its address, an IPv6 one's /64."""
     addr = peer_address(host)

@@ -147,10 +147,11 @@ class Room(Generic[M]):
     def join(self, member: M) -> None:
         name = member.name
         key = name.casefold()
-        if key in self._members or self.lookalike(name) is not None:
+        looks = name_keys(name)
+        if key in self._members or not self._keys.keys().isdisjoint(looks):
             raise ValueError(f"the name {name!r} is taken")
         self._members[key] = member
-        for look in name_keys(name):
+        for look in looks:
             self._keys[look] = member
         if self._first is not None and self._first[4] is None:
             self._first = None  # it named everyone: the newcomer may fit too

@@ -31,10 +31,11 @@ from typing import Any
 
 import daemon  # type: ignore[import-untyped]
 
-from chatd.server import handover, systemd
+from chatd.server import reexec, systemd
 from chatd.server.config import Config, ConfigError
 from chatd.server.control import probe_control_socket
 from chatd.server.errors import StartupError
+from chatd.server.handover import HandoverError
 from chatd.server.listeners import bind_all
 from chatd.server.server import Server
 
@@ -216,9 +217,9 @@ def run(
         identity = Identity.of(cfg.daemon.user, cfg.daemon.group, allow_root)
     except ValueError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
-        handover.cannot_start(str(e))
+        reexec.cannot_start(str(e))
         return 2
-    if os.environ.get(handover.HANDOVER_VARIABLE):
+    if reexec.started_by_predecessor():
         return _take_over(cfg, config_path, overrides)
     pidfile = PidFile(os.path.abspath(pidfile_path))
     pid = pidfile.holder()
@@ -355,7 +356,7 @@ def _serve(
             ready.error(str(e) if isinstance(e, StartupError) else f"cannot drop root: {e}")
             return 1
         ready.ok()
-        server.daemon_argv = handover.daemon_argv()  # SIGUSR2 starts the next chatd
+        server.daemon_argv = reexec.argv()  # SIGUSR2 starts the next chatd
         server.pidfile_fd = pidfile_fd
         return server.run()
     finally:
@@ -364,34 +365,31 @@ def _serve(
 
 
 def _take_over(cfg: Config, config_path: str | None, overrides: dict[str, Any] | None) -> int:
-    """A chatd --daemon started this one on SIGUSR2: take its sockets and state, tell
-    it so, and serve; or tell it why not (it goes on serving) and exit 1."""
-    try:
-        inherited = handover.Inherited.take()
-    except systemd.ActivationError as e:
-        handover.cannot_start(str(e))
-        return 1
-    assert inherited is not None
-    pidfile: PidFile | None = None
-    if inherited.state is None:
-        inherited.report(f"error: {inherited.state_error}")
-        return 1
+    """A chatd --daemon started this one on SIGUSR2: once ready, take its sockets and
+    state, tell it so, and serve; or tell it why not (it serves on) and exit 1."""
+    link = reexec.Predecessor.from_environ()
     try:
         server = Server(cfg, config_path, systemd.Notifier.from_environ(), overrides=overrides)
     except ConfigError as e:
-        inherited.report(f"error: {e}")
+        link.report(f"error: {e}")
         return 1
+    pidfile: PidFile | None = None
     try:
         try:
+            inherited = link.take()
+            if inherited.state is None:
+                inherited.close()
+                raise HandoverError(inherited.state_error)
             server.open(inherited=inherited)
-        except StartupError as e:
-            inherited.report(f"error: {e}")
+        except (HandoverError, StartupError) as e:
+            server.handed_over = True  # the sockets are the chatd before's: close them quietly
+            link.report(f"error: {e}")
             return 1
-        server.daemon_argv = handover.daemon_argv()
-        server.pidfile_fd = inherited.pidfile_fd
-        if inherited.pidfile_fd is not None:
-            pidfile = PidFile.inherited(inherited.pidfile_fd)
-        inherited.report("ok")
+        server.daemon_argv = reexec.argv()
+        server.pidfile_fd = link.pidfile_fd
+        if link.pidfile_fd is not None:
+            pidfile = PidFile.inherited(link.pidfile_fd)
+        link.report("ok")
         return server.run()
     finally:
         server.close_all()

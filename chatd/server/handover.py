@@ -9,9 +9,9 @@ the next chatd in one of two ways:
   socket are stored at start, each client socket as it is accepted (``c<serial>``,
   removed again when it closes), the memfd (``state``) at the restart; the next
   chatd finds them all in LISTEN_FDS, named by LISTEN_FDNAMES;
-- with ``chatd --daemon``, on SIGUSR2: the descriptors are inherited by a new chatd
-  the old one starts, which finds the memfd through $CHATD_HANDOVER and the
-  descriptors' numbers in the state.
+- with ``chatd --daemon``, on SIGUSR2: over a socketpair to the next chatd, which
+  the old one starts (`chatd.server.reexec`); the state names each descriptor as
+  the fd store would.
 
 `Inherited.take()` sorts out what was passed; `adopt()` makes the connections the
 new server's own, as they were.  Anything that does not check out (another format, a
@@ -26,20 +26,16 @@ import contextlib
 import json
 import os
 import re
-import select
 import socket
-import subprocess
-import sys
-import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import chatd
 from chatd import __version__
 from chatd.core.admission import address_key
 from chatd.core.chat import HANDSHAKE, JOINED
 from chatd.core.stats import Stats
-from chatd.server import log, systemd
+from chatd.server import systemd
 from chatd.server.connection import Connection
 from chatd.server.outbox import CLOSING
 from chatd.wire import notices
@@ -51,7 +47,6 @@ if TYPE_CHECKING:
 
 FORMAT = "chatd-handover"
 VERSION = 1
-HANDOVER_VARIABLE = "CHATD_HANDOVER"  # --daemon: "STATE_FD:READY_FD[:PIDFILE_FD]"
 _CONN_NAME = re.compile(r"c(\d+)")
 
 
@@ -59,12 +54,10 @@ class HandoverError(Exception):
     """The state handed over cannot be used; str() says why."""
 
 
-READY_TIMEOUT = 30.0  # seconds the outgoing --daemon waits for the next one's word
-
 # The outgoing side.
 
 
-def _prepare(server: Server) -> None:
+def quiesce(server: Server) -> None:
     """Quiesce before the snapshot: everything accepted delivered (to each connection's
     queue at least), admin connections and connections already closing closed."""
     room = server.chat.room
@@ -82,8 +75,8 @@ def _prepare(server: Server) -> None:
 
 def to_systemd(server: Server) -> None:
     """``systemctl restart``: the state into the fd store beside the sockets, and exit."""
-    _prepare(server)
-    data = snapshot(server, fd_numbers=False)
+    quiesce(server)
+    data = snapshot(server)
     fd = to_memfd(data)
     stored = server.notifier.store([fd], "state")
     os.close(fd)
@@ -95,95 +88,10 @@ def to_systemd(server: Server) -> None:
     server.handed_over = True
 
 
-def restart_daemon(server: Server) -> None:
-    """SIGUSR2 to ``chatd --daemon``: start the next chatd (the code on disk now) with
-    the sockets and the state, and leave once it has taken over; if it cannot, say
-    why in the log and go on serving."""
-    if server.daemon_argv is None:
-        server.log.warning(
-            "restart_unsupported",
-            hint="SIGUSR2 restarts chatd --daemon; under systemd: systemctl restart chatd",
-        )
-        return
-    _prepare(server)
-    data = snapshot(server, fd_numbers=True)
-    memfd = to_memfd(data)
-    r, w = os.pipe()
-    pidfile = server.pidfile_fd
-    handed = [lst.sock.fileno() for lst in server.listeners]
-    handed += [c.fd for c in server.conns.values()]
-    if server.control.sock is not None:
-        handed.append(server.control.sock.fileno())
-    if server.metrics.listener is not None:
-        handed.append(server.metrics.listener.sock.fileno())
-    env = dict(os.environ)
-    env[HANDOVER_VARIABLE] = f"{memfd}:{w}" + (f":{pidfile}" if pidfile is not None else "")
-    top = os.path.dirname(os.path.dirname(os.path.abspath(chatd.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (top, env.get("PYTHONPATH", "")) if p)
-    log.flush()
-    try:
-        child = subprocess.Popen(
-            server.daemon_argv,
-            pass_fds=[memfd, w, *handed, *([pidfile] if pidfile is not None else [])],
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-    except OSError as e:
-        word = f"error: cannot start {server.daemon_argv[0]}: {e}"
-        child = None
-    else:
-        os.close(w)
-        w = -1
-        word = wait_for_word(r, READY_TIMEOUT)
-    for fd in (memfd, r, w):
-        if fd >= 0:
-            os.close(fd)
-    if word == "ok" and child is not None:
-        server.log.info("handover", to=child.pid, connections=len(server.conns))
-        log.flush()
-        os._exit(0)  # no goodbyes: the clients are the next chatd's now
-    if child is not None:
-        try:
-            child.wait(5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-    why = (
-        word.removeprefix("error: ")
-        if word.startswith("error: ")
-        else ("the new chatd did not say it took over")
-    )
-    server.log.error("restart_failed", error=why, still_serving=True)
-
-
-def cannot_start(error: str) -> None:
-    """This chatd cannot start (its config is bad): tell whoever handed it something.
-    A --daemon that started it keeps serving; connections systemd passed are told."""
-    handed = os.environ.get(HANDOVER_VARIABLE, "")
-    if handed:
-        ready = handed.split(":")[1] if handed.count(":") else ""
-        if ready.isdigit():
-            Inherited(ready_fd=int(ready)).report(f"error: {error}")
-        return
-    try:
-        inherited = Inherited.take()
-    except systemd.ActivationError:
-        return
-    if inherited is not None:
-        inherited.refuse(notices.RESTART_FAILED(error=error))
-
-
-def daemon_argv() -> list[str]:
-    """How to start this chatd again (the same options)."""
-    if sys.argv and sys.argv[0].endswith("__main__.py"):
-        return [sys.executable, "-m", "chatd", *sys.argv[1:]]
-    return [sys.executable, *sys.argv]
-
-
-def snapshot(server: Server, *, fd_numbers: bool) -> bytes:
+def snapshot(server: Server, names: list[str] | None = None) -> bytes:
     """The state of ``server`` as the next chatd needs it.  The room must be flushed
-    (nothing posted waits) and no connection closing; ``fd_numbers``: say each
-    socket's descriptor number (inherited as it is by a chatd we start)."""
+    (nothing posted waits) and no connection closing (`quiesce`); ``names``: those
+    of the descriptors passed with it, in order (`descriptors`)."""
     chat = server.chat
     assert not chat.room.pending, "flush the room before the snapshot"
     members = list(chat.room) + [c for c in server.conns.values() if c.state is HANDSHAKE]
@@ -195,21 +103,26 @@ def snapshot(server: Server, *, fd_numbers: bool) -> bytes:
         "stats": asdict(chat.stats),
         "deliveries": chat.room.deliveries,
         "buckets": buckets,
-        "connections": [_connection(c, fd_numbers) for c in members if isinstance(c, Connection)],
+        "connections": [_connection(c) for c in members if isinstance(c, Connection)],
     }
-    if fd_numbers:
-        doc["listeners"] = [lst.sock.fileno() for lst in server.listeners]
-        control = server.control.sock
-        doc["control"] = control.fileno() if control is not None else None
-        metrics = server.metrics.listener
-        doc["metrics"] = metrics.sock.fileno() if metrics is not None else None
+    if names is not None:
+        doc["descriptors"] = names
     return json.dumps(doc).encode()
 
 
-def _connection(c: Connection, fd_numbers: bool) -> dict[str, Any]:
+def descriptors(server: Server) -> list[tuple[int, str]]:
+    """Every socket to pass on, with its name as it has in the fd store."""
+    named = [(lst.sock.fileno(), "listen") for lst in server.listeners]
+    if server.control.sock is not None:
+        named.append((server.control.sock.fileno(), "control"))
+    if server.metrics.listener is not None:
+        named.append((server.metrics.listener.sock.fileno(), "metrics"))
+    return named + [(c.fd, f"c{c.serial}") for c in server.conns.values()]
+
+
+def _connection(c: Connection) -> dict[str, Any]:
     return {
         "serial": c.serial,
-        **({"fd": c.fd} if fd_numbers else {}),
         "name": c.name,
         "joined": c.state is JOINED,
         "since": c.since,
@@ -248,58 +161,57 @@ class Inherited:
     connections: dict[int, socket.socket] = field(default_factory=dict)  # serial -> socket
     state: dict[str, Any] | None = None
     state_error: str = ""  # why a state passed could not be used
-    ready_fd: int | None = None  # --daemon: where to say whether the handover is taken
-    pidfile_fd: int | None = None
 
     @classmethod
     def take(cls) -> Inherited | None:
-        """What this process was handed: by systemd (LISTEN_FDS) or by a chatd that
-        started it ($CHATD_HANDOVER); None for a plain start.  Raises
-        systemd.ActivationError for a passed descriptor that is no socket chatd uses."""
-        handed = os.environ.pop(HANDOVER_VARIABLE, "")
-        if handed:
-            return cls._from_parent(handed)
+        """What systemd passed (LISTEN_FDS, named by LISTEN_FDNAMES); None for a plain
+        start.  Raises systemd.ActivationError for a passed descriptor that is no
+        socket chatd uses."""
         passed = systemd.passed_fds()
         if passed is None:
             return None
         inherited = cls()
-        for fd, name in passed:
-            m = _CONN_NAME.fullmatch(name)
-            if name == "state":
-                inherited._read_state(fd)
-            elif name == "control":
-                inherited.control = socket.socket(fileno=fd)
-            elif name == "metrics":
-                inherited.metrics = socket.socket(fileno=fd)
-            elif m:
-                inherited.connections[int(m.group(1))] = socket.socket(fileno=fd)
-            else:
-                inherited.listeners.append(systemd.adopt_listener(fd, f"fd {fd} ({name})"))
+        inherited._sort(passed)
         return inherited
 
     @classmethod
-    def _from_parent(cls, handed: str) -> Inherited:
-        fds = [int(f) for f in handed.split(":") if f.isdigit()]
-        inherited = cls(ready_fd=fds[1] if len(fds) > 1 else None)
-        inherited.pidfile_fd = fds[2] if len(fds) > 2 else None
-        inherited._read_state(fds[0])
-        doc = inherited.state
-        if doc is not None:
-            try:
-                inherited.listeners = [
-                    systemd.adopt_listener(fd, f"fd {fd}") for fd in doc.get("listeners", [])
-                ]
-                control = doc.get("control")
-                inherited.control = socket.socket(fileno=control) if control else None
-                metrics = doc.get("metrics")
-                inherited.metrics = socket.socket(fileno=metrics) if metrics else None
-                inherited.connections = {
-                    c["serial"]: socket.socket(fileno=c["fd"]) for c in doc["connections"]
-                }
-            except (OSError, KeyError, TypeError, systemd.ActivationError) as e:
-                inherited.state_error = f"the descriptors handed over: {e}"
-                inherited.state = None
+    def handed(cls, memfd: int, fds: list[int]) -> Inherited:
+        """What a chatd --daemon passed: the state, and the sockets it names.  Raises
+        HandoverError (every descriptor closed) if the two do not match."""
+        inherited = cls()
+        inherited._read_state(memfd)
+        names = inherited.state.get("descriptors") if inherited.state else None
+        if not isinstance(names, list) or len(names) != len(fds):
+            for fd in fds:
+                os.close(fd)
+            raise HandoverError(inherited.state_error or "the state does not name the sockets")
+        try:
+            inherited._sort(zip(fds, map(str, names), strict=True))
+        except systemd.ActivationError as e:
+            inherited.close()
+            raise HandoverError(str(e)) from None
         return inherited
+
+    def _sort(self, passed: Iterable[tuple[int, str]]) -> None:
+        for fd, name in passed:
+            m = _CONN_NAME.fullmatch(name)
+            if name == "state":
+                self._read_state(fd)
+            elif name == "control":
+                self.control = socket.socket(fileno=fd)
+            elif name == "metrics":
+                self.metrics = socket.socket(fileno=fd)
+            elif m:
+                self.connections[int(m.group(1))] = socket.socket(fileno=fd)
+            else:
+                self.listeners.append(systemd.adopt_listener(fd, f"fd {fd} ({name})"))
+
+    def close(self) -> None:
+        """Close every socket (the chatd before still has them)."""
+        for sock in [*self.listeners, *self.connections.values(), self.control, self.metrics]:
+            if sock is not None:
+                sock.close()
+        self.listeners, self.connections, self.control, self.metrics = [], {}, None, None
 
     def _read_state(self, fd: int) -> None:
         try:
@@ -328,15 +240,6 @@ class Inherited:
             sock.close()
         self.connections.clear()
 
-    def report(self, line: str) -> None:
-        """--daemon: tell the chatd that started this one whether it took over."""
-        if self.ready_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self.ready_fd, line.encode()[:4000] + b"\n")
-            with contextlib.suppress(OSError):
-                os.close(self.ready_fd)
-            self.ready_fd = None
-
 
 def adopt(server: Server, inherited: Inherited) -> int:
     """Make the connections handed over the server's own, as they were; return how
@@ -349,7 +252,10 @@ def adopt(server: Server, inherited: Inherited) -> int:
         chat.stats = Stats(**doc["stats"])
         chat.room.deliveries = int(doc["deliveries"])
     adopted = 0
-    for serial, sock in sorted(inherited.connections.items(), key=lambda kv: _order(known, kv[0])):
+    # Members in the order they joined (the state lists them so), the rest after.
+    rank = {serial: i for i, serial in enumerate(known)}
+    order = sorted(inherited.connections.items(), key=lambda kv: rank.get(kv[0], len(rank) + kv[0]))
+    for serial, sock in order:
         saved = known.get(serial)
         try:
             peer = sock.getpeername()
@@ -371,11 +277,6 @@ def adopt(server: Server, inherited: Inherited) -> int:
         adopted += 1
     inherited.connections.clear()
     return adopted
-
-
-def _order(known: dict[int, dict[str, Any]], serial: int) -> int:
-    """Members in the order they joined (the state lists them so), the rest after."""
-    return list(known).index(serial) if serial in known else len(known) + serial
 
 
 def _bucket(doc: dict[str, Any] | None, conn: Connection) -> tuple[float, float] | None:
@@ -406,21 +307,3 @@ def _refuse_one(sock: socket.socket, notice: str) -> None:
         sock.send(encode(NOTICE_SENDER) + encode(notice))
         sock.shutdown(socket.SHUT_WR)
     sock.close()
-
-
-def wait_for_word(fd: int, timeout: float) -> str:
-    """The first line on ``fd`` ("" at its end, "?" after ``timeout`` seconds)."""
-    data = b""
-    deadline = time.monotonic() + timeout
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return "?"
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return "?"
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0].decode("utf-8", "replace")

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from chatd import __version__
-from chatd.server import config, handover, systemd
+from chatd.server import config, reexec, systemd
 from chatd.server.errors import StartupError
 from chatd.server.handover import Inherited
 from chatd.server.server import Server
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"chatd: error: {e}", file=sys.stderr)
         if not args.check_config:
-            handover.cannot_start(str(e))
+            reexec.cannot_start(str(e))
         return 2
     if args.check_config:
         print(f"chatd: {path or 'built-in defaults'}: configuration is valid")

@@ -36,6 +36,7 @@ from chatd.server.listeners import bind_all, raise_nofile_limit, sock_address
 from chatd.server.loop import READ, Loop
 from chatd.server.metrics import Metrics
 from chatd.server.outbox import CLOSING, Outbox
+from chatd.server.reexec import Successor
 from chatd.server.systemd import Notifier, monotonic_usec, watchdog_usec
 from chatd.wire import notices
 
@@ -75,6 +76,7 @@ class Server:
         self.fdstore = 0  # descriptors the service manager keeps for us (0: none)
         self.daemon_argv: list[str] | None = None  # --daemon: how to start the next chatd
         self.pidfile_fd: int | None = None
+        self.successor: Successor | None = None  # the next chatd while it starts
         self.notifier = notifier or Notifier(None)
         self._status_scheduled = False
         self._reload_error: str | None = None  # shown in STATUS= until a reload succeeds
@@ -161,7 +163,9 @@ class Server:
         self.listeners = [Listener(self, s) for s in socks]
         self.metrics.open(inherited.metrics if inherited else None)
         self._store_listening()
+        began = time.monotonic()
         adopted = handover.adopt(self, inherited) if inherited is not None else 0
+        adopt_ms = round((time.monotonic() - began) * 1000, 1)
         if signals:
             signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
             self.loop.install_signals(signums, self._on_signal)
@@ -169,7 +173,9 @@ class Server:
         if inherited is not None:
             if inherited.state_error:
                 self.log.error("handover_refused", error=inherited.state_error)
-            self.log.info("handover_taken", connections=adopted, users=len(self.chat.room))
+            self.log.info(
+                "handover_taken", connections=adopted, users=len(self.chat.room), ms=adopt_ms
+            )
             if len(self.chat.room):
                 self.chat.say(notices.RESTARTED(version=__version__))
         self.log.info(
@@ -313,7 +319,7 @@ class Server:
             with contextlib.suppress(ReloadFailed):  # logged
                 self.reload()
         elif signum == signal.SIGUSR2:
-            handover.restart_daemon(self)
+            Successor.start(self)
         elif signum == signal.SIGTERM and self.handover_armed:
             handover.to_systemd(self)
         elif signum in (signal.SIGTERM, signal.SIGINT):
