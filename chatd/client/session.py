@@ -75,6 +75,7 @@ OUTCOMES: dict[str, Outcome] = {
     notices.RESTART_FAILED.kind: Outcome(DISCONNECTED, retry=True),
     notices.KICKED.kind: Outcome(KICKED, retry=False),
     notices.BANNED.kind: Outcome(BANNED, retry=False),
+    notices.NAME_TAKEN_CLUSTER.kind: Outcome(DISCONNECTED, retry=True),
 }
 
 

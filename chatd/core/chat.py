@@ -19,8 +19,9 @@ from chatd.core import commands
 from chatd.core.addresses import IPNetwork, in_networks
 from chatd.core.admission import Admission
 from chatd.core.bans import Bans
+from chatd.core.cluster import Backplane, Cluster
 from chatd.core.moderation import Moderation
-from chatd.core.names import list_bytes, name_problem, script_problem
+from chatd.core.names import and_more, list_bytes, name_problem, names_line, script_problem
 from chatd.core.room import Room
 from chatd.core.states import GONE, HANDSHAKE, JOINED
 from chatd.core.stats import Stats
@@ -152,6 +153,29 @@ class Chat:
         # first flush _notices_due is 0, so next_flush() answers 0 whatever this says.
         self.holding = False  # pragma: no mutate
         self._idle_sweep_id = 0  # the current idle sweep; older ones stop
+        # With several nodes (cluster.redis): the link to them, and what their events
+        # do here.  None for a single node, which works as if they did not exist.
+        self.backplane: Backplane | None = None
+        self.cluster: Cluster | None = None
+
+    def join_cluster(self, backplane: Backplane) -> None:
+        self.backplane = backplane
+        self.cluster = Cluster(self, backplane.node)
+
+    @property
+    def live(self) -> bool:
+        """True while this node's events go through the other nodes' shared log."""
+        return self.backplane is not None and self.backplane.live
+
+    def announce(self, text: str, *, exclude: Member | None = None) -> None:
+        """A notice for everyone (but ``exclude``), on every node."""
+        if self.backplane is not None and self.backplane.live:
+            event = {"t": "s", "x": text}
+            if exclude is not None:
+                event["ex"] = exclude.name
+            self.backplane.emit(event)
+        else:
+            self.room.notice(text, exclude=exclude)
 
     def member_log(self, m: Member) -> Any:
         """A logger bound to ``m``'s address and name (made when needed, not kept)."""
@@ -216,6 +240,31 @@ class Chat:
         if problem:
             self.reject(m, "bad name", notices.NAME_INVALID(problem=problem), name=name)
             return
+        if self.backplane is not None and self.backplane.live:
+            # Unique across the nodes too: answered by claimed().
+            m.name = name
+            self.backplane.claim(m, name)
+            return
+        self._join(m, name)
+
+    def claimed(self, m: Member, name: str, other: str | None) -> None:
+        """The cluster's answer to a claim of ``name`` for ``m``: ``other`` is the user
+        who has it (or one like it), None if it is ``m``'s now."""
+        if m.state is not HANDSHAKE or m.name != name:  # gone meanwhile
+            if other is None and self.backplane is not None:
+                self.backplane.release(m)
+            return
+        if other is None:
+            self._join(m, name)
+        elif other.casefold() == name.casefold():
+            self.reject(m, "name taken", notices.NAME_TAKEN(name=name), name=name)
+        else:
+            notice = notices.NAME_LOOKALIKE(name=name, other=other)
+            self.reject(m, "name taken", notice, name=name, like=other)
+
+    def _join(self, m: Member, name: str) -> None:
+        cfg = self.settings
+        room = self.room
         m.name = name
         m.state = JOINED
         self.admission.joined(m)
@@ -225,9 +274,30 @@ class Chat:
         self.host.users_changed()
         self.hot("join", peer=m.peer, user=name)
         before = len(f"welcome, {name}; online: ".encode())
-        online = room.online_line(m, list_bytes(cfg.header_length, before))
+        limit = list_bytes(cfg.header_length, before)
+        if self.cluster is not None and self.cluster.users:
+            online = self._cluster_online(m, limit)
+        else:
+            online = room.online_line(m, limit)
         room.send_to(m, NOTICE_SENDER, notices.WELCOME(name=name, online=online))
-        room.notice(notices.JOINED(name=name), exclude=m)
+        if self.backplane is not None and self.backplane.live:
+            self.backplane.emit({"t": "join", "n": name, "peer": m.peer, "since": m.since})
+        else:
+            room.notice(notices.JOINED(name=name), exclude=m)
+
+    def _cluster_online(self, m: Member, limit: int) -> str:
+        assert self.cluster is not None
+        names = [n for n in self.cluster.names(self.room) if n != m.name]
+        if not names:
+            return "nobody else is online"
+        text, count = names_line(names, limit)
+        return "online: " + and_more(text, count, len(names))
+
+    def everyone(self) -> list[str]:
+        """Every user's name, on every node (this node's first)."""
+        if self.cluster is not None:
+            return self.cluster.names(self.room)
+        return self.room.names()
 
     def bad_name_frame(self, m: Member, problem: str) -> None:
         """The name frame broke the framing (too long, not UTF-8): refuse the name."""
@@ -274,6 +344,10 @@ class Chat:
         Every message a user says passes here once, in the order the room gets it.
         """
         room = self.room
+        backplane = self.backplane
+        if backplane is not None and (backplane.live or to is None):
+            self.emit_message(m, text, kind, to)
+            return
         if to is not None:
             room.send_to(to, private_sender(m.name), text)
             room.send_to(m, sent_sender(m.name, to.name), text)  # it went
@@ -281,6 +355,27 @@ class Chat:
             return
         room.post(m, text, as_name=action_sender(m.name) if kind == "action" else None)
         if kind == "message":
+            self.accepted(m, text)
+        else:
+            self.accepted(m, text, kind=kind)
+
+    def emit_message(self, m: Member, text: str, kind: str, to: Member | str | None) -> None:
+        """A message through the other nodes' log (delivered here when it comes back), or,
+        with the link down, here at once and kept for them (the backplane replays it)."""
+        assert self.backplane is not None
+        to_name = to if isinstance(to, str) or to is None else to.name
+        if to_name is not None:
+            event = {"t": "p", "n": m.name, "to": to_name, "x": text}
+        else:
+            event = {"t": "m", "n": m.name, "x": text, "k": kind}
+        if not self.backplane.live:
+            room = self.room
+            if to is None:
+                room.post(m, text, as_name=action_sender(m.name) if kind == "action" else None)
+        self.backplane.emit(event)
+        if to_name is not None:
+            self.accepted(m, text, kind=kind, to=to_name)
+        elif kind == "message":
             self.accepted(m, text)
         else:
             self.accepted(m, text, kind=kind)
@@ -413,8 +508,15 @@ class Chat:
                 fields["flood_dropped"] = m.dropped
             level = "warning" if reason in ("slow consumer", "internal error") else "info"
             getattr(self.member_log(m), level)("leave", reason=reason, **fields)
-            if not self.stopping:
-                self.room.notice(announce or notices.LEFT(name=m.name, reason=reason))
+            text = announce or notices.LEFT(name=m.name, reason=reason)
+            if self.backplane is not None:
+                self.backplane.release(m)
+                if self.backplane.live:
+                    self.backplane.emit({"t": "leave", "n": m.name, "x": text})
+                elif not self.stopping:
+                    self.room.notice(text)
+            elif not self.stopping:
+                self.room.notice(text)
         else:
             self.member_log(m).debug("disconnect", reason=reason, **fields)
         self._gone(m, notice)
@@ -469,5 +571,7 @@ class Chat:
 
     def say(self, text: str) -> int:
         """A server notice to everyone; returns how many users it reaches."""
-        self.room.notice(text)
+        self.announce(text)
+        if self.cluster is not None and self.live:
+            return len(self.room) + len(self.cluster.users)
         return len(self.room)

@@ -34,14 +34,17 @@ def run(hub: Chat, m: Member, text: str) -> None:
         hub.relay(m, command.text, kind="action")
     elif isinstance(command, chat.Private):
         target = room.get(command.to)
-        if target is None:
+        remote = hub.cluster.users.get(command.to.casefold()) if hub.cluster else None
+        if target is None and remote is not None and hub.live:
+            hub.emit_message(m, command.text, "private", remote.name)
+        elif target is None:
             room.send_to(m, NOTICE_SENDER, notices.NOBODY_CALLED(name=command.to))
         elif target is m:
             room.send_to(m, NOTICE_SENDER, notices.TO_YOURSELF(name=command.to))
         else:
             hub.relay(m, command.text, kind="private", to=target)
     elif isinstance(command, chat.Who):
-        line = who_line(room.names(), list_bytes(room.header_length))
+        line = who_line(hub.everyone(), list_bytes(room.header_length))
         room.send_to(m, NOTICE_SENDER, line)
     elif isinstance(command, chat.Quit):
         hub.drop(m, "quit")

@@ -193,6 +193,13 @@ class Room(Generic[M]):
         self._posts += 1  # pragma: no mutate
         self._broadcasts += 1
 
+    def broadcast(self, sender: str, text: str, *, exclude: M | None = None) -> None:
+        """Queue a member's message from ``sender`` (a name, or its action form) for every
+        member but ``exclude``: a message from another node, or come back from it."""
+        self._batch.append((self.frame(sender, text), exclude, None))
+        self._posts += 1  # pragma: no mutate
+        self._broadcasts += 1
+
     def notice(self, text: str, *, exclude: M | None = None) -> None:
         """Queue a server notice for every member (but ``exclude``)."""
         self._batch.append((self.frame(NOTICE_SENDER, text), exclude, None))

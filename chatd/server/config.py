@@ -346,6 +346,122 @@ class MetricsConfig:
     )
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def redis_url(value: Any) -> str:
+    """``redis://[:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://`` (TLS) or
+    ``unix:///PATH[?db=N]``; "" for no cluster."""
+    url = text(value)
+    if not url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            "expected a URL such as redis://127.0.0.1:6379/0, rediss://HOST:PORT or "
+            f"unix:///run/redis/redis.sock, got {redacted_url(url)!r}"
+        )
+    if scheme == "unix":
+        path = rest.partition("?")[0].rpartition("@")[2]
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError(f"expected unix:///ABSOLUTE/PATH, got {redacted_url(url)!r}")
+        return url
+    hostport, _, db = rest.partition("/")
+    hostport = hostport.rpartition("@")[2]
+    if hostport.startswith("["):
+        host, _, tail = hostport[1:].partition("]")
+        port = tail.removeprefix(":")
+    else:
+        host, _, port = hostport.partition(":")
+    if not host or not _is_host(host):
+        raise ValueError(f"expected a host in the URL, got {redacted_url(url)!r}")
+    if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise ValueError(f"expected a port 1-65535 in the URL, got {redacted_url(url)!r}")
+    if db and not db.isdigit():
+        raise ValueError(f"expected a database number after the /, got {redacted_url(url)!r}")
+    return url
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with any password in it replaced by ***, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    where, at, tail = rest.partition("/")
+    if "@" in where:
+        user = where.rpartition("@")[0].partition(":")[0]
+        where = f"{user}:***@{where.rpartition('@')[2]}"
+    return f"{scheme}{sep}{where}{at}{tail}"
+
+
+def node_name(value: Any) -> str:
+    name = text(value)
+    if name and not _NODE_NAME.fullmatch(name):
+        raise ValueError(
+            "expected a name of letters, digits, '.', '_' and '-' (at most 63, "
+            f'not starting with a symbol; "" for the host name), {_got(value)}'
+        )
+    return name
+
+
+def room_name(value: Any) -> str:
+    name = text(value)
+    if not _NODE_NAME.fullmatch(name):
+        raise ValueError(
+            f"expected a name of letters, digits, '.', '_' and '-' (at most 63), {_got(value)}"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    redis: str = setting(
+        "",
+        redis_url,
+        'the Redis that joins this node to the others: "redis://HOST:PORT/DB", '
+        '"rediss://HOST:PORT/DB" (TLS) or "unix:///PATH"; "" for a single node',
+        reload=False,
+    )
+    password_file: str = setting(
+        "",
+        absolute_path_or_empty,
+        "a file holding Redis' password (its first line), instead of one in the URL; "
+        'never logged ("" for none)',
+        reload=False,
+    )
+    node: str = setting(
+        "",
+        node_name,
+        'this node\'s name, unique in the cluster ("": the host name)',
+        reload=False,
+    )
+    lease: float = setting(
+        10.0,
+        seconds(1, 3600),
+        "seconds a node that stopped answering stays a member; then its users leave",
+        reload=False,
+    )
+    history: int = setting(
+        10000,
+        integer(100, 100_000_000),
+        "messages the shared stream keeps for a node that has to catch up",
+        reload=False,
+    )
+    room: str = setting(
+        "chatd",
+        room_name,
+        "the room's name in the Redis keys, so that several rooms can share one Redis",
+        reload=False,
+    )
+    required: bool = setting(
+        False,
+        boolean,
+        "refuse to start when Redis does not answer (false: start alone and join when it does)",
+        reload=False,
+    )
+
+
 MiB = 1024 * 1024
 
 
@@ -410,6 +526,7 @@ class Config:
     control: ControlConfig = section(ControlConfig, "the admin control socket")  # noqa: RUF009
     daemon: DaemonConfig = section(DaemonConfig, "chatd --daemon")  # noqa: RUF009
     metrics: MetricsConfig = section(MetricsConfig, "the metrics for Prometheus")  # noqa: RUF009
+    cluster: ClusterConfig = section(ClusterConfig, "several nodes in one room")  # noqa: RUF009
     state_file: str = setting(
         "/var/lib/chatd/state.json",
         file_path,

@@ -134,6 +134,26 @@ RESTART_LOST = _notice(
 RESTART_FAILED = _notice(
     "restart_failed", "the server could not restart ({error}); reconnect later", ends=True
 )
+# Several nodes, one room (cluster.redis).
+CLUSTER_DOWN = _notice(
+    "cluster_down", "the link to the other servers is down; messages reach this server only"
+)
+CLUSTER_UP = _notice("cluster_up", "the link to the other servers is back")
+CLUSTER_MISSED = _notice(
+    "cluster_missed",
+    "you may have missed {count} messages from the other servers (past the shared history)",
+)
+CLUSTER_HISTORY_LOST = _notice(
+    "cluster_history_lost",
+    "the shared history was lost (Redis restarted): you may have missed messages from the "
+    "other servers",
+)
+NODE_LOST = "server {node} lost"  # the reason of a LEFT notice for the users of a lost node
+NAME_TAKEN_CLUSTER = _notice(
+    "name_taken_cluster",
+    "disconnected: while this server was cut off, another server gave {name!r} to someone else",
+    ends=True,
+)
 KICKED = _notice("kicked", "you were kicked by an admin{why}", ends=True)
 BANNED = _notice("banned", "you were banned by an admin{terms}", ends=True)
 
