@@ -131,6 +131,23 @@ def cmd_list(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
         }
         for m in sorted(chat.room, key=lambda m: m.since)
     ]
+    if chat.backplane is not None:
+        node = chat.backplane.node
+        for u in users:
+            u["node"] = node
+        if chat.cluster is not None and chat.live:
+            users.extend(
+                {
+                    "name": r.name,
+                    "peer": r.peer,
+                    "since": iso(r.since),
+                    "idle": None,
+                    "messages": None,
+                    "queued": None,
+                    "node": r.node,
+                }
+                for r in sorted(chat.cluster.users.values(), key=lambda r: r.since)
+            )
     return {"users": users}
 
 
@@ -139,6 +156,18 @@ def cmd_kick(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
     reason = _message_text(daemon, "kick", "reason", args.get("reason", ""), empty_ok=True)
     chat = daemon.chat
     member = chat.room.get(args["name"])  # the name itself, only the case may differ
+    remote = chat.cluster.users.get(args["name"].casefold()) if chat.cluster else None
+    if member is None and remote is not None and chat.backplane is not None and chat.live:
+        _log().info(
+            "kick",
+            user=remote.name,
+            node=remote.node,
+            reason=reason,
+            admin_uid=admin.uid,
+            admin_pid=admin.pid,
+        )
+        chat.backplane.kick(remote, reason, admin.uid)
+        return {"kicked": remote.name, "reason": reason, "node": remote.node}
     if member is None:
         like = chat.room.lookalike(args["name"])
         hint = f" ({like.name!a} only looks like it)" if like is not None else ""
@@ -178,7 +207,44 @@ def cmd_stats(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
         "flood_dropped": st.flood_dropped,
         "kicks": st.kicks,
         "bans": len(chat.bans.active(chat.host.wall())),
+        **_cluster_stats(chat),
     }
+
+
+def _cluster_stats(chat: Chat) -> dict[str, Any]:
+    """With several nodes: the link, and each live node's figures as it last said."""
+    if chat.backplane is None:
+        return {}
+    status = chat.backplane.status()
+    status["per_node"] = [
+        {k: n.get(k) for k in ("node", "users", "messages", "link")}
+        for n in chat.backplane.nodes
+    ]
+    return {"cluster": status}
+
+
+@command("nodes")
+def cmd_nodes(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    chat = daemon.chat
+    if chat.backplane is None:
+        raise RequestError(FAILED, "this chatd is not in a cluster (cluster.redis is not set)")
+    status = chat.backplane.status()
+    nodes = []
+    for n in chat.backplane.nodes:
+        started = n.get("started")
+        nodes.append(
+            {
+                "node": n.get("node"),
+                "lease": n.get("lease"),
+                "users": n.get("users"),
+                "messages": n.get("messages"),
+                "link": n.get("link"),
+                "pid": n.get("pid"),
+                "started": iso(started) if isinstance(started, int | float) else None,
+                "self": n.get("node") == status["node"],
+            }
+        )
+    return {"node": status["node"], "link": status["link"], "nodes": nodes}
 
 
 @command("metrics")
@@ -298,6 +364,8 @@ def cmd_ban(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
             bans.add(old)
         raise RequestError(FAILED, f"ban not applied: {e}") from None
     chat.moderation.watch_expiry(ban)
+    if chat.backplane is not None:
+        chat.backplane.ban(ban)
     _log().info(
         "ban",
         kind=kind,
@@ -332,6 +400,8 @@ def cmd_unban(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
     except StateError as e:
         bans.add(ban)
         raise RequestError(FAILED, f"ban not lifted: {e}") from None
+    if chat.backplane is not None:
+        chat.backplane.unban(ban)
     _log().info("unban", kind=ban.kind, target=ban.target, admin_uid=admin.uid)
     return {"unbanned": ban_json(ban, chat.host.wall())}
 

@@ -510,7 +510,7 @@ class Chat:
             getattr(self.member_log(m), level)("leave", reason=reason, **fields)
             text = announce or notices.LEFT(name=m.name, reason=reason)
             if self.backplane is not None:
-                self.backplane.release(m)
+                self.backplane.release(m, text)
                 if self.backplane.live:
                     self.backplane.emit({"t": "leave", "n": m.name, "x": text})
                 elif not self.stopping:

@@ -53,8 +53,25 @@ class Backplane(Protocol):
     def claim(self, m: Member, name: str) -> None:
         """Take ``name`` for ``m`` cluster-wide; answered by `Chat.claimed()`."""
 
-    def release(self, m: Member) -> None:
-        """``m`` (a joined user of this node) left: its name is free."""
+    def release(self, m: Member, text: str | None = None) -> None:
+        """``m`` left (``text`` the notice of its leaving, if it had joined): its name is
+        free."""
+
+    def ban(self, ban: Ban) -> None:
+        """A ban made here: for every node."""
+
+    def unban(self, ban: Ban) -> None:
+        """A ban lifted here: on every node."""
+
+    def kick(self, user: RemoteUser, reason: str, by: int) -> None:
+        """Have the node serving ``user`` kick it."""
+
+    def status(self) -> dict[str, Any]:
+        """The link, for chatctl stats."""
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        """The live nodes as last listed: name, lease left, users, link."""
 
     def remote(self) -> dict[str, RemoteUser]:
         """The users of the other nodes, by casefolded name, in join order."""
@@ -188,7 +205,8 @@ class Cluster:
                 held = self.users.get(event["n"].casefold())
                 if held is not None and held.node == node:
                     del self.users[event["n"].casefold()]
-            room.notice(event["x"])
+            if not (mine and event.get("replay")):
+                room.notice(event["x"])
         elif t == "kick":
             if event.get("on") == self.node:
                 m = room.get(event["n"])

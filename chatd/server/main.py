@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if inherited is not None:
             inherited.refuse(notices.RESTART_FAILED(error=str(e)))
         server.close_all()
-        return 1
+        return e.status
     if inherited is not None and inherited.state is not None:
         server.notifier.unstore("state")  # taken: the next restart stores its own
     try:

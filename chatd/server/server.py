@@ -27,6 +27,7 @@ from chatd.core.bans import Bans, StateError
 from chatd.core.chat import Chat, Member
 from chatd.server import config as configmod
 from chatd.server import handover, log, state
+from chatd.server.cluster import Link
 from chatd.server.config import Config
 from chatd.server.connection import Connection
 from chatd.server.control import ControlServer
@@ -85,6 +86,10 @@ class Server:
         self.chat.log_messages = self._log_messages
         self.control = ControlServer(self)
         self.metrics = Metrics(self)  # and its listener, metrics.listen
+        self.link: Link | None = None  # cluster.redis: the other nodes
+        if config.cluster.redis:
+            self.link = Link(self, config.cluster)
+            self.chat.join_cluster(self.link)
 
     # The Host of the chat.
 
@@ -155,6 +160,8 @@ class Server:
             self.chat.moderation.load_bans(state.load(self.config.state_file))
         except StateError as e:
             raise StartupError(str(e)) from None
+        if self.link is not None:
+            self.link.open()
         self.control.open(inherited.control if inherited else None)
         if inherited is not None and inherited.listeners:
             socks = inherited.listeners
@@ -188,6 +195,7 @@ class Server:
             metrics=self.metrics.address,
             bans=len(self.chat.bans),
             max_clients=self.config.max_clients,
+            **({"cluster": self.link.node} if self.link is not None else {}),
             nofile=nofile,
         )
         self._systemd_ready()
@@ -216,6 +224,8 @@ class Server:
         self.listeners = []
         self.metrics.close()
         self.control.close(keep_file=self.handed_over)
+        if self.link is not None:
+            self.link.close()
         self.loop.close()
 
     # The loop.
@@ -240,7 +250,10 @@ class Server:
         """One pass of the loop."""
         self.loop.guard("log", log.flush)
         due = 0.0 if self.doomed or self.failed else self.chat.next_flush()
-        self.loop.run_pass(due, (self._fan_out, self.settle), (self.reap,))
+        if self.link is None:
+            self.loop.run_pass(due, (self._fan_out, self.settle), (self.reap,))
+        else:  # what the pass emitted goes to the other nodes in one batch
+            self.loop.run_pass(due, (self._fan_out, self.settle), (self.link.send, self.reap))
 
     def _fan_out(self) -> None:
         self.chat.flush()
@@ -422,6 +435,8 @@ class Server:
             f"{users} user{'' if users == 1 else 's'} online, "
             f"{len(self.conns)} connection{'' if len(self.conns) == 1 else 's'}"
         )
+        if self.link is not None and not self.link.live:
+            line += "; link to the other servers down, serving this server's users only"
         if self._reload_error:
             line += f"; reload failed, old config kept: {self._reload_error}"
         return line

@@ -52,6 +52,7 @@ COMMANDS: dict[str, Spec] = {
     "metrics": {},
     "reload": {},
     "handover": {},  # the next SIGTERM is a restart: hand every connection over
+    "nodes": {},  # the nodes of the cluster (cluster.redis)
 }
 
 

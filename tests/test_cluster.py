@@ -1,0 +1,135 @@
+"""Several chatd nodes in one room over a real redis-server (no mocks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from helpers import NOTICE, Daemon
+
+
+def test_messages_go_every_way(node: Callable[..., Daemon]) -> None:
+    a, b = node("a"), node("b")
+    a.wait_for("cluster_link_up")
+    b.wait_for("cluster_link_up")
+    alice = a.client("alice")
+    bob = b.client("bob")
+    alice.expect(NOTICE, "bob joined")
+    alice.send("hello from a")
+    assert bob.recv_text("alice") == "hello from a"  # perhaps after "alice joined"
+    bob.send("hello from b")
+    alice.expect("bob", "hello from b")
+    alice.expect_nothing()
+    bob.expect_nothing()
+
+
+def up(*nodes: Daemon) -> None:
+    for d in nodes:
+        d.wait_for("cluster_link_up")
+
+
+def wait_known(d: Daemon, name: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Wait until ``d`` lists ``name`` (a user of any node); return its entry."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        users = {u["name"]: u for u in d.result("list")["users"]}
+        if name in users:
+            return users[name]
+        assert time.monotonic() < deadline, f"{name} not listed: {users}"
+        time.sleep(0.05)
+
+
+def test_one_order_on_every_node_under_concurrent_senders(node: Callable[..., Daemon]) -> None:
+    import threading
+
+    nodes = [node("a"), node("b"), node("c")]
+    up(*nodes)
+    readers = [d.client(f"reader-{d.config['cluster']['node']}") for d in nodes]
+    senders = [d.client(f"sender-{d.config['cluster']['node']}") for d in nodes]
+    count = 40
+
+    def say(c: Any) -> None:
+        for i in range(count):
+            c.send(f"{c.name} {i}")
+
+    threads = [threading.Thread(target=say, args=(s,)) for s in senders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = []
+    for r in readers:
+        got = []
+        while len(got) < count * len(senders):
+            sender, text = r.recv(10)
+            if sender != NOTICE:
+                got.append((sender, text))
+        seen.append(got)
+    assert seen[0] == seen[1] == seen[2]
+    for s in senders:  # each sender's own messages in its order
+        mine = [t for who, t in seen[0] if who == s.name]
+        assert mine == [f"{s.name} {i}" for i in range(count)]
+
+
+def test_names_are_unique_across_nodes(node: Callable[..., Daemon]) -> None:
+    a, b = node("a"), node("b")
+    up(a, b)
+    alice = a.client("alice")
+    wait_known(b, "alice")
+    c = b.client()
+    c.send("ALICE")
+    assert c.expect_closed() == [(NOTICE, "name rejected: 'ALICE' is already taken")]
+    c = b.client()
+    c.send("a1ice")
+    assert c.expect_closed() == [
+        (NOTICE, "name rejected: 'a1ice' looks like 'alice', who is online")
+    ]
+
+
+def test_a_name_race_between_two_nodes_has_one_winner(node: Callable[..., Daemon]) -> None:
+    import threading
+
+    a, b = node("a"), node("b")
+    up(a, b)
+    for round_ in range(5):
+        name = f"racer{round_}"
+        clients = [a.client(), b.client()]
+        barrier = threading.Barrier(2)
+
+        def go(c: Any) -> None:
+            barrier.wait()
+            c.send(name)
+
+        threads = [threading.Thread(target=go, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        outcomes = [c.recv(5) for c in clients]
+        welcomed = [o for o in outcomes if o[1].startswith(f"welcome, {name}")]
+        refused = [o for o in outcomes if o[1] == f"name rejected: {name!r} is already taken"]
+        assert len(welcomed) == 1 and len(refused) == 1, outcomes
+
+
+def test_who_welcome_and_private_messages_cover_every_node(node: Callable[..., Daemon]) -> None:
+    a, b = node("a"), node("b")
+    up(a, b)
+    alice = a.client("alice")
+    wait_known(b, "alice")
+    bob = b.client()
+    bob.send("bob")
+    assert bob.recv() == (NOTICE, "welcome, bob; online: alice")
+    alice.expect(NOTICE, "bob joined")
+    bob.send("/who")
+    assert bob.recv() == (NOTICE, "online (2): bob, alice")
+    bob.send("/msg ALICE psst")
+    alice.expect("bob (private)", "psst")
+    bob.expect("bob -> alice (private)", "psst")
+    alice.send("/msg nobody x")
+    alice.expect(NOTICE, "message not sent: nobody called 'nobody' is online")
+    alice.send("/me waves")
+    bob.expect("* alice", "waves")
+    bob.close()
+    alice.expect(NOTICE, "bob left (quit)")
