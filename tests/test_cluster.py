@@ -133,3 +133,118 @@ def test_who_welcome_and_private_messages_cover_every_node(node: Callable[..., D
     bob.expect("* alice", "waves")
     bob.close()
     alice.expect(NOTICE, "bob left (quit)")
+
+
+def test_admin_list_kick_say_stats_and_nodes_across_nodes(node: Callable[..., Daemon]) -> None:
+    a, b = node("a"), node("b")
+    up(a, b)
+    alice = a.client("alice")
+    wait_known(b, "alice")
+    bob = b.client("bob")
+    alice.recv_text(NOTICE)  # bob joined
+    entry = wait_known(a, "bob")
+    assert entry["node"] == "b" and entry["idle"] is None
+    assert wait_known(a, "alice")["node"] == "a"
+    r = a.ctl("list")
+    assert r.returncode == 0 and "NODE" in r.stdout and " b " in r.stdout, r
+    assert a.result("say", text="maintenance at noon") == {"recipients": 2}
+    alice.expect(NOTICE, "maintenance at noon")
+    bob.expect(NOTICE, "maintenance at noon")
+    assert a.result("kick", name="bob", reason="spam") == {
+        "kicked": "bob",
+        "reason": "spam",
+        "node": "b",
+    }
+    assert bob.expect_closed() == [(NOTICE, "you were kicked by an admin: spam")]
+    alice.expect(NOTICE, "bob was kicked (spam)")
+    stats = b.result("stats")["cluster"]
+    assert stats["node"] == "b" and stats["link"] == "up"
+    assert "redis://127.0.0.1:" in stats["redis"]
+    nodes = b.result("nodes")
+    assert nodes["node"] == "b"
+    import time
+
+    deadline = time.monotonic() + 5
+    while {n["node"] for n in b.result("nodes")["nodes"]} != {"a", "b"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    r = b.ctl("nodes")
+    assert r.returncode == 0 and "b *" in r.stdout, r
+
+
+def test_bans_reach_every_node_and_stay_in_redis(node: Callable[..., Daemon]) -> None:
+    a, b = node("a"), node("b")
+    up(a, b)
+    eve = b.client("eve")
+    wait_known(a, "eve")
+    a.result("ban", target="eve", reason="spam")
+    assert eve.expect_closed() == [(NOTICE, "you were banned by an admin: spam")]
+    c = b.client()
+    c.send("eve")
+    assert c.expect_closed() == [(NOTICE, "name rejected: 'eve' is banned: spam")]
+    assert [x["target"] for x in b.result("bans")["bans"]] == ["eve"]
+    a.result("ban", target="127.0.0.1", reason="lan")
+    import time
+
+    deadline = time.monotonic() + 5
+    while not any(x["target"] == "127.0.0.1/32" for x in b.result("bans")["bans"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    c = b.client()
+    assert c.expect_closed() == [(NOTICE, "connection refused: your address is banned: lan")]
+    # A node that joins later has the bans from Redis.
+    c3 = node("c")
+    up(c3)
+    deadline = time.monotonic() + 5
+    while len(c3.result("bans")["bans"]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    b.result("unban", target="127.0.0.1")
+    deadline = time.monotonic() + 5
+    while len(a.result("bans")["bans"]) != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a.client("carol")
+
+
+def test_a_duplicate_node_name_refuses_to_start(node: Callable[..., Daemon], tmp_path: Any) -> None:
+    from helpers import run_chatd_with
+
+    a = node("a")
+    up(a)
+    r = run_chatd_with(
+        tmp_path,
+        {
+            "control": {"socket": str(tmp_path / "dup.sock")},
+            "state_file": str(tmp_path / "dup.json"),
+            "cluster": {"redis": a.config["cluster"]["redis"], "node": "a"},
+        },
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(
+        "chatd: error: cluster.node: a node called 'a' is live in room 'chatd'"
+    )
+
+
+def test_required_cluster_without_redis_is_an_error(tmp_path: Any) -> None:
+    from helpers import run_chatd_with
+    from redis_helpers import free_port
+
+    r = run_chatd_with(
+        tmp_path,
+        {
+            "control": {"socket": str(tmp_path / "c.sock")},
+            "state_file": str(tmp_path / "s.json"),
+            "cluster": {
+                "redis": f"redis://:hunter2@127.0.0.1:{free_port()}/0",
+                "node": "a",
+                "required": True,
+            },
+        },
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chatd: error: cluster.redis: redis://:***@"), r
+    assert "hunter2" not in r.stderr + r.stdout

@@ -217,8 +217,7 @@ def _cluster_stats(chat: Chat) -> dict[str, Any]:
         return {}
     status = chat.backplane.status()
     status["per_node"] = [
-        {k: n.get(k) for k in ("node", "users", "messages", "link")}
-        for n in chat.backplane.nodes
+        {k: n.get(k) for k in ("node", "users", "messages", "link")} for n in chat.backplane.nodes
     ]
     return {"cluster": status}
 

@@ -135,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
         "print the metrics in the Prometheus text format, as metrics.listen serves them "
         "(for node_exporter's textfile collector)",
     )
+    cmd("nodes", "list the nodes of the cluster: their lease, users and link")
     cmd("reload", "re-read the config file, as SIGHUP does")
     c = cmd(
         "systemd-stop",
@@ -336,25 +337,30 @@ def show_list(result: Any) -> str:
     users = result["users"]
     if not users:
         return "no users online"
+    clustered = any("node" in u for u in users)
     rows = [
         [
             shown(u["name"]),
+            *([u.get("node") or "-"] if clustered else []),
             u["peer"],
             local_time(u["since"]),
-            format_duration(u["idle"]),
-            str(u["messages"]),
-            str(u["queued"]),
+            "-" if u["idle"] is None else format_duration(u["idle"]),
+            "-" if u["messages"] is None else str(u["messages"]),
+            "-" if u["queued"] is None else str(u["queued"]),
         ]
         for u in users
     ]
-    header = ["NAME", "ADDRESS", "CONNECTED SINCE", "IDLE", "MESSAGES", "QUEUED"]
+    header = ["NAME", *(["NODE"] if clustered else []), "ADDRESS", "CONNECTED SINCE", "IDLE"]
+    header += ["MESSAGES", "QUEUED"]
     n = len(users)
-    return table(rows, header, right={3, 4, 5}) + f"\n{n} user{'s' if n != 1 else ''} online"
+    right = {4, 5, 6} if clustered else {3, 4, 5}
+    return table(rows, header, right=right) + f"\n{n} user{'s' if n != 1 else ''} online"
 
 
 def show_kick(result: Any) -> str:
     reason = f" ({result['reason']})" if result["reason"] else ""
-    return f"kicked {shown(result['kicked'])}{reason}"
+    on = f" on node {shown(result['node'])}" if result.get("node") else ""
+    return f"kicked {shown(result['kicked'])}{on}{reason}"
 
 
 def _ban_line(ban: Any) -> str:
@@ -416,6 +422,21 @@ def show_stats(result: Any) -> str:
         ("kicks", result["kicks"]),
         ("bans", result["bans"]),
     ]
+    cluster = result.get("cluster")
+    if cluster:
+        link = cluster["link"] + (f" ({cluster['error']})" if cluster.get("error") else "")
+        rows += [
+            ("cluster node", f"{cluster['node']} in room {cluster['room']} on {cluster['redis']}"),
+            ("cluster link", link),
+            ("cluster users", f"{cluster['users']} on {cluster['nodes']} nodes"),
+        ]
+        for n in cluster.get("per_node", []):
+            rows.append(
+                (
+                    f"node {n['node']}",
+                    f"{n['users']} users, {n['messages']} messages, link {n['link']}",
+                )
+            )
     width = max(len(k) for k, _ in rows) + 1
     return "\n".join(f"{k + ':':<{width}} {v}" for k, v in rows)
 
@@ -443,7 +464,25 @@ SHOW: dict[str, Callable[[Any], str]] = {
     "metrics": lambda result: str(result["text"]).removesuffix("\n"),  # as it is, for a file
     "reload": show_reload,
     "handover": lambda result: "chatd hands every connection over at its next SIGTERM",
+    "nodes": lambda result: show_nodes(result),
 }
+
+
+def show_nodes(result: Any) -> str:
+    rows = [
+        [
+            shown(str(n["node"])) + (" *" if n.get("self") else ""),
+            "-" if n["lease"] is None else f"{n['lease']:.1f}s",
+            "-" if n["users"] is None else str(n["users"]),
+            "-" if n["messages"] is None else str(n["messages"]),
+            str(n.get("link") or "-"),
+            local_time(n["started"]) if n.get("started") else "-",
+        ]
+        for n in result["nodes"]
+    ]
+    header = ["NODE", "LEASE LEFT", "USERS", "MESSAGES", "LINK", "STARTED"]
+    text = table(rows, header, right={1, 2, 3}) if rows else "no nodes listed yet"
+    return text + f"\nthis node: {shown(result['node'])}, link {result['link']}"
 
 
 def arguments(args: argparse.Namespace) -> dict[str, Any]:
