@@ -86,6 +86,14 @@ def test_names_are_unique_across_nodes(node: Callable[..., Daemon]) -> None:
     assert c.expect_closed() == [
         (NOTICE, "name rejected: 'a1ice' looks like 'alice', who is online")
     ]
+    alice.close()  # the name is free again, on every node
+    import time
+
+    deadline = time.monotonic() + 5
+    while "alice" in {u["name"] for u in b.result("list")["users"]}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    b.client("alice")
 
 
 def test_a_name_race_between_two_nodes_has_one_winner(node: Callable[..., Daemon]) -> None:
@@ -98,11 +106,11 @@ def test_a_name_race_between_two_nodes_has_one_winner(node: Callable[..., Daemon
         clients = [a.client(), b.client()]
         barrier = threading.Barrier(2)
 
-        def go(c: Any) -> None:
+        def go(c: Any, barrier: threading.Barrier, name: str) -> None:
             barrier.wait()
             c.send(name)
 
-        threads = [threading.Thread(target=go, args=(c,)) for c in clients]
+        threads = [threading.Thread(target=go, args=(c, barrier, name)) for c in clients]
         for t in threads:
             t.start()
         for t in threads:
@@ -141,7 +149,7 @@ def test_admin_list_kick_say_stats_and_nodes_across_nodes(node: Callable[..., Da
     alice = a.client("alice")
     wait_known(b, "alice")
     bob = b.client("bob")
-    alice.recv_text(NOTICE)  # bob joined
+    assert alice.recv_text(NOTICE) == "bob joined"
     entry = wait_known(a, "bob")
     assert entry["node"] == "b" and entry["idle"] is None
     assert wait_known(a, "alice")["node"] == "a"
@@ -248,3 +256,143 @@ def test_required_cluster_without_redis_is_an_error(tmp_path: Any) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("chatd: error: cluster.redis: redis://:***@"), r
     assert "hunter2" not in r.stderr + r.stdout
+
+
+def wait_gone(d: Daemon, name: str, timeout: float) -> float:
+    """Wait until ``d`` no longer lists ``name``; return how long it took."""
+    import time
+
+    began = time.monotonic()
+    while name in {u["name"] for u in d.result("list")["users"]}:
+        assert time.monotonic() - began < timeout, f"{name} still listed"
+        time.sleep(0.05)
+    return time.monotonic() - began
+
+
+def test_a_killed_node_s_users_leave_within_the_lease(node: Callable[..., Daemon]) -> None:
+    import signal
+
+    a, b = node("a"), node("b")
+    up(a, b)
+    alice = a.client("alice")
+    wait_known(b, "alice")
+    bob = b.client("bob")  # noqa: F841 (kept open until b is killed)
+    assert alice.recv_text(NOTICE) == "bob joined"
+    wait_known(a, "bob")
+    b.stop(signal.SIGKILL)
+    took = wait_gone(a, "bob", timeout=2 * 2 + 1)  # the lease (2 s), then one tick
+    assert took <= 2 * 2 + 1
+    assert alice.recv_text(NOTICE, timeout=5) == "bob left (server b lost)"
+    alice.send("/who")
+    assert alice.recv_text(NOTICE) == "online (1): alice"
+    a.wait_for("node_lost", node="b", users=1)
+    a.client("bob")  # the name is free
+
+
+def until(c: Any, sender: str, text: str, timeout: float = 10) -> None:
+    """Skip what arrives until ``text`` from ``sender``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while c.recv(max(0.0, deadline - time.monotonic())) != (sender, text):
+        pass
+
+
+def collect(c: Any, want: int, timeout: float = 10) -> list[tuple[str, str]]:
+    """The next ``want`` messages from users (notices skipped)."""
+    got: list[tuple[str, str]] = []
+    while len(got) < want:
+        sender, text = c.recv(timeout)
+        if sender != NOTICE:
+            got.append((sender, text))
+    return got
+
+
+def test_redis_killed_and_restarted_mid_chat(
+    node: Callable[..., Daemon], redis_server: Any
+) -> None:
+    a, b = node("a"), node("b")
+    up(a, b)
+    alice = a.client("alice")
+    wait_known(b, "alice")
+    bob = b.client("bob")
+    erin = b.client("erin")
+    wait_known(a, "bob")
+    alice.send("before")
+    assert bob.recv_text("alice") == "before"
+    assert erin.recv_text("alice") == "before"
+    redis_server.kill()
+    down = "the link to the other servers is down; messages reach this server only"
+    until(alice, NOTICE, down)
+    until(bob, NOTICE, down)
+    a.wait_for("cluster_link_down")
+    alice.send("during 1")
+    bob.send("during 2")
+    carol = a.client("carol")  # a user of a's alone, for now
+    assert carol.name == "carol"
+    alice.send("during 3")
+    assert "link to the other servers down" in a.result("stats")["cluster"]["link"] or (
+        a.result("stats")["cluster"]["link"] == "down"
+    )
+    redis_server.start()
+    a.wait_for("cluster_link_up", timeout=15, replay=2)
+    # b's users get what a's said meanwhile, once the link is back; and the other way.
+    assert collect(bob, 2) == [("alice", "during 1"), ("alice", "during 3")]
+    assert alice.recv_text("bob", timeout=10) == "during 2"
+    until(carol, "bob", "during 2")
+    until(erin, "alice", "during 3")
+    # After the outage: one order again, on every node.
+    for i in range(5):
+        alice.send(f"after {i}")
+        bob.send(f"after b {i}")
+    seen_a, seen_b = collect(carol, 10), collect(erin, 10)
+    assert seen_a == seen_b
+    assert [m for m in seen_a if m[0] == "alice"] == [("alice", f"after {i}") for i in range(5)]
+    # Told once of the outage, then that it is over; nobody "joined" again.
+    carol.send("/who")
+    got = []
+    while True:
+        sender, text = carol.recv()
+        got.append(text)
+        if text.startswith("online ("):
+            break
+    assert not [t for t in got if t.endswith(" joined")], got
+    for c in (alice, bob):
+        c.send("/who")
+        texts = []
+        while True:
+            sender, text = c.recv()
+            if sender == NOTICE:
+                texts.append(text)
+            if text.startswith("online ("):
+                break
+        assert down not in texts
+    assert a.find("resync")
+
+
+def test_a_paused_redis_does_not_stall_the_loop(
+    node: Callable[..., Daemon], redis_server: Any
+) -> None:
+    import time
+
+    a, b = node("a", lease=6), node("b", lease=6)
+    up(a, b)
+    alice = a.client("alice")
+    carol = a.client("carol")
+    alice.recv_text(NOTICE)
+    wait_known(b, "alice")
+    redis_server.pause()
+    try:
+        t0 = time.monotonic()
+        alice.send("/who")
+        assert alice.recv_text(NOTICE, timeout=1).startswith("online (")
+        assert time.monotonic() - t0 < 0.5  # the loop answers at once
+        r = a.ctl("stats")
+        assert r.returncode == 0
+        alice.send("while paused")
+        # Within the link's timeout (2 s) the message reaches a's users all the same.
+        assert carol.recv_text("alice", timeout=5) == "while paused"
+        assert time.monotonic() - t0 < 5
+    finally:
+        redis_server.resume()
+    a.wait_for("cluster_link_up", timeout=15, replay=1)

@@ -146,17 +146,19 @@ class Sequencer:
 class Cluster:
     """Carries out the log's events on this node's room."""
 
-    __slots__ = ("chat", "delivered", "node", "users")
+    __slots__ = ("chat", "delivered", "node", "previous", "users")
 
     def __init__(self, chat: Chat, node: str) -> None:
         self.chat = chat
         self.node = node
         self.users: dict[str, RemoteUser] = {}  # the other nodes' users, by casefolded name
+        self.previous: dict[str, RemoteUser] = {}  # as they were before the last snapshot
         # mids of our messages delivered here while the link was down (see `apply`).
         self.delivered: set[str] = set()
 
     def snapshot(self, users: Iterable[RemoteUser]) -> None:
         """The other nodes' users as the log had them when the link came up."""
+        self.previous = self.users
         self.users = {u.name.casefold(): u for u in users if u.node != self.node}
 
     def forget_remote(self) -> None:
@@ -195,11 +197,17 @@ class Cluster:
             ex = room.get(event["ex"]) if mine and event.get("ex") else None
             room.notice(event["x"], exclude=ex)
         elif t == "join":
+            key = event["n"].casefold()
+            # ``again``: a user its node claimed anew after losing its link; news only
+            # to a node that had seen it leave.
+            known = self.users.get(key) or self.previous.get(key)
+            again = event.get("again") and (mine or (known is not None and known.node == node))
             if roster and not mine:
                 user = RemoteUser(event["n"], node or "", event.get("peer", ""), event["since"])
-                self.users[user.name.casefold()] = user
-            joiner = room.get(event["n"]) if mine else None
-            room.notice(notices.JOINED(name=event["n"]), exclude=joiner)
+                self.users[key] = user
+            if not again:
+                joiner = room.get(event["n"]) if mine else None
+                room.notice(notices.JOINED(name=event["n"]), exclude=joiner)
         elif t == "leave":
             if roster and not mine:
                 held = self.users.get(event["n"].casefold())

@@ -272,7 +272,8 @@ class Link:
                 self.registered.pop(id(m), None)
                 self._drop_taken(m)
             elif holder == "":
-                self.emit({"t": "join", "n": m.name, "peer": m.peer, "since": m.since})
+                event = {"t": "join", "n": m.name, "peer": m.peer, "since": m.since}
+                self.emit({**event, "again": True})
             return
         self.chat.claimed(m, name, None if holder in ("", "=") else holder)
 

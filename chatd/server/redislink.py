@@ -344,35 +344,30 @@ class RedisLink(threading.Thread):
         out: list[tuple[Any, ...]] = []
         lost_history = self.epoch is not None and epoch != self.epoch
         self.epoch = epoch
-        if self.last is None or lost_history or now_seq < self.last:
-            if self.last is not None:
-                out.append(("missed", None))
-                out.append(
-                    ("log", "resync", {"from_seq": self.last, "to_seq": now_seq, "lost": "all"})
-                )
+        if self.last is None:  # the first time: what was said before is not ours to show
             self.last = now_seq
-            seqr = Sequencer(now_seq)
-        else:
-            seqr = Sequencer(self.last)
-            if now_seq > self.last:
-                found = self._range(self.last + 1, now_seq)
-                ready, missed = seqr.fill(found, now_seq)
-                out.extend(("ev", s, e, False) for s, e in ready)
-                if missed:
-                    out.append(("missed", missed))
-                out.append(
-                    (
-                        "log",
-                        "resync",
-                        {
-                            "from_seq": self.last,
-                            "to_seq": now_seq,
-                            "events": len(ready),
-                            "missed": missed,
-                        },
-                    )
+        elif lost_history or now_seq < self.last:
+            # Redis lost its data (a restart without persistence): what the others
+            # said before is gone, and the new log, from its start, is all new to us.
+            out.append(("missed", None))
+            out.append(("log", "resync", {"from_seq": self.last, "to_seq": now_seq, "lost": "all"}))
+            self.last = 0
+        seqr = Sequencer(self.last)
+        if now_seq > self.last:
+            first = self.last
+            found = self._range(first + 1, now_seq)
+            ready, missed = seqr.fill(found, now_seq)
+            out.extend(("ev", s, e, False) for s, e in ready)
+            if missed:
+                out.append(("missed", missed))
+            out.append(
+                (
+                    "log",
+                    "resync",
+                    {"from_seq": first, "to_seq": now_seq, "events": len(ready), "missed": missed},
                 )
-            self.last = seqr.last
+            )
+        self.last = seqr.last
         out.append(
             ("up", [json.loads(v) for v in users.values()], list(bans.values()), self._first)
         )
