@@ -396,3 +396,20 @@ def test_a_paused_redis_does_not_stall_the_loop(
     finally:
         redis_server.resume()
     a.wait_for("cluster_link_up", timeout=15, replay=1)
+
+
+def test_a_node_restarted_after_kill_9_takes_its_name_back(node: Callable[..., Daemon]) -> None:
+    import signal
+
+    a, b = node("a", lease=30), node("b", lease=30)
+    up(a, b)
+    bob = b.client("bob")
+    wait_known(a, "bob")
+    alice = a.client("alice")
+    assert bob.recv_text(NOTICE) == "alice joined"
+    a.stop(signal.SIGKILL)
+    a2 = node("a", lease=30)  # its lease has 30 s to run: the dead chatd's, on this host
+    up(a2)
+    assert bob.recv_text(NOTICE, timeout=5) == "alice left (server a restarted)"
+    a2.client("alice")
+    assert alice is not None

@@ -105,10 +105,12 @@ class Link:
 
     # Start and stop.
 
-    def open(self) -> None:
-        """Check Redis once before serving: a live node of the same name is an error;
-        so is no answer with cluster.required.  Then start the thread."""
+    def open(self, take_over: bool = False) -> None:
+        """Check Redis once before serving: a live node of the same name is an error
+        (unless this chatd takes over from the one before, ``take_over``); so is no
+        answer with cluster.required.  Then start the thread."""
         where = redacted_url(self.cfg.redis)
+        self.thread.taking_over = self.thread.quietly = take_over
         try:
             self.thread.connect()
             self.thread.register()
@@ -128,6 +130,7 @@ class Link:
         self.thread.start()
 
     def close(self) -> None:
+        self.thread.handed_over = self.server.handed_over
         self.send()
         if self.thread.is_alive():
             self.thread.stop()

@@ -92,10 +92,13 @@ if u and cjson.decode(u)['owner'] == ARGV[1] then redis.call('HDEL', KEYS[2], AR
 return 1
 """
 
-# KEYS lease nodes epoch; ARGV token lease_ms node info epoch -> {"dup", pttl} or {"ok", epoch}
+# KEYS lease nodes epoch; ARGV token lease_ms node info epoch take_over
+# -> {"dup", pttl} or {"ok", epoch}
 REGISTER = """
 local held = redis.call('GET', KEYS[1])
-if held and held ~= ARGV[1] then return {'dup', redis.call('PTTL', KEYS[1])} end
+if held and held ~= ARGV[1] and ARGV[6] ~= '1' then
+  return {'dup', redis.call('PTTL', KEYS[1]), held, redis.call('HGET', KEYS[2], ARGV[3]) or ''}
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 redis.call('SET', KEYS[3], ARGV[5], 'NX')
@@ -110,7 +113,7 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS seq log lease nodes names users; ARGV history channel node force why
+# KEYS seq log lease nodes names users; ARGV history channel node force why silent
 # -> how many users left, or -1 when the node is alive
 REAP = (
     _EMIT_FN
@@ -128,7 +131,9 @@ for i = 1, #all, 2 do
       if redis.call('HGET', KEYS[5], k) == mine then redis.call('HDEL', KEYS[5], k) end
     end
     local text = u['name'] .. ' left (server ' .. ARGV[3] .. ' ' .. ARGV[5] .. ')'
-    emit(cjson.encode({t = 'leave', n = u['name'], node = ARGV[3], x = text, lost = true}))
+    if ARGV[6] ~= '1' then
+      emit(cjson.encode({t = 'leave', n = u['name'], node = ARGV[3], x = text, lost = true}))
+    end
     gone = gone + 1
   end
 end
@@ -194,6 +199,11 @@ class RedisLink(threading.Thread):
         self.epoch: str | None = None
         self._known_nodes: set[str] = set()
         self._first = True
+        # A restart that keeps the connections (handover): this node's lease and users
+        # are taken over from the chatd before, not refused, and not announced again.
+        self.taking_over = False
+        self.quietly = False  # taking over in a handover: the users stay, nobody is told
+        self.handed_over = False  # the next chatd has this node: leave Redis as it is
         self.redis: Any = None
         self.s_emit: Any = None
         self.s_claim: Any = None
@@ -244,8 +254,18 @@ class RedisLink(threading.Thread):
         k = self.keys
         res = self.s_register(
             keys=[k.lease, k.nodes, k.epoch],
-            args=[self.token, self.lease_ms, self.node, self._info(), uuid.uuid4().hex],
+            args=[
+                self.token,
+                self.lease_ms,
+                self.node,
+                self._info(),
+                uuid.uuid4().hex,
+                "1" if self.taking_over and self._first else "0",
+            ],
         )
+        if res[0] == "dup" and self._dead_predecessor(str(res[3])):
+            self.taking_over = True  # a chatd of this node on this host, killed: ours now
+            return self.register()
         if res[0] == "dup":
             left = max(0, int(res[1])) / 1000
             raise Duplicate(
@@ -254,6 +274,24 @@ class RedisLink(threading.Thread):
             )
         return str(res[1])
 
+    def _dead_predecessor(self, info_text: str) -> bool:
+        """Whether the live-looking node of our name was a chatd on this host that no
+        longer runs (killed: its lease has not run out yet)."""
+        try:
+            info = json.loads(info_text)
+            pid = int(info["pid"])
+        except (ValueError, KeyError, TypeError):
+            return False
+        if info.get("host") != socket.gethostname() or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
     def close_redis(self) -> None:
         r, self.redis = self.redis, None
         if r is not None:
@@ -261,14 +299,21 @@ class RedisLink(threading.Thread):
                 r.close()
 
     def _info(self) -> str:
-        return json.dumps({"pid": os.getpid(), **self.info})
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), **self.info})
 
-    def _reap(self, node: str, force: bool, why: str) -> int:
+    def _reap(self, node: str, force: bool, why: str, silent: bool = False) -> int:
         k = self.keys
         return int(
             self.s_reap(
                 keys=[k.seq, k.log, k.lease_of(node), k.nodes, k.names, k.users],
-                args=[self.history, k.channel, node, "1" if force else "0", why],
+                args=[
+                    self.history,
+                    k.channel,
+                    node,
+                    "1" if force else "0",
+                    why,
+                    "1" if silent else "0",
+                ],
             )
         )
 
@@ -324,8 +369,9 @@ class RedisLink(threading.Thread):
         epoch = self.register()
         r = self.redis
         if self._first:
-            # What a chatd of this name left behind, killed before it could say so.
-            self._reap(self.node, True, "restarted")
+            # What a chatd of this name left behind: killed before it could say so, or
+            # the chatd before this one, whose users are ours now (claimed anew, quietly).
+            self._reap(self.node, True, "restarted", silent=self.quietly)
         ps = r.pubsub()
         ps.subscribe(k.channel)
         deadline = time.monotonic() + SOCKET_TIMEOUT
@@ -405,6 +451,8 @@ class RedisLink(threading.Thread):
             ops = self._drain_inbox()
             if ops:
                 self._execute(r, ops)
+        if self.handed_over:
+            return
         with contextlib.suppress(Exception):  # a clean stop: the others need not wait
             r.delete(k.lease)
             self._reap(self.node, True, "stopped")

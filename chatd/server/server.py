@@ -161,7 +161,7 @@ class Server:
         except StateError as e:
             raise StartupError(str(e)) from None
         if self.link is not None:
-            self.link.open()
+            self.link.open(take_over=inherited is not None)
         self.control.open(inherited.control if inherited else None)
         if inherited is not None and inherited.listeners:
             socks = inherited.listeners
