@@ -85,8 +85,12 @@ class Daemon:
     profiler: subprocess.Popen[bytes] | None = None
 
     def __init__(self, workdir: Path, cpu: int | None, extra: dict[str, Any] | None = None) -> None:
+        self.control = str(workdir / "admin.sock")
         cfg: dict[str, Any] = {
             "listen": ["127.0.0.1:0"],
+            "control": {"socket": self.control},
+            "state_file": str(workdir / "state.json"),
+            "history": {"file": str(workdir / "history.sqlite3")},
             "max_clients": 11000,
             # Every client comes from 127.0.0.1: flood control (on by default,
             # 10 messages/s) would measure the limit, not the relay.

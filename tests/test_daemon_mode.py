@@ -64,6 +64,7 @@ class Detached:
             "log": {"format": "json", "file": str(self.log_path)},
             "control": {"socket": str(tmp_path / "admin.sock")},
             "state_file": str(tmp_path / "state.json"),
+            "history": {"file": str(tmp_path / "history.sqlite3")},
             **(settings or {}),
         }
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -220,6 +221,7 @@ def test_log_file_in_the_foreground_is_reopened_on_reload(tmp_path: Path) -> Non
                 "listen": ["127.0.0.1:0"],
                 "log": {"format": "json", "file": str(log_path)},
                 "control": {"socket": ""},
+                "history": {"file": ""},
             }
         )
     )
@@ -269,6 +271,7 @@ def test_log_file_that_cannot_be_opened_is_a_startup_error(tmp_path: Path) -> No
                 "log": {"file": str(missing)},
                 "control": {"socket": ""},
                 "state_file": str(tmp_path / "state.json"),
+                "history": {"file": ""},
             }
         )
     )
@@ -314,7 +317,14 @@ def test_as_root_the_daemon_asks_whom_to_serve_as(detached: Detached) -> None:
 def test_the_daemon_drops_root_once_bound_and_keeps_its_files(tmp_path: Path) -> None:
     public = Path(tempfile.mkdtemp(prefix="chatd-test-"))  # reachable by nobody
     public.chmod(0o755)
-    d = Detached(public, {"state_file": str(public / "state" / "state.json")})
+    state = public / "state"  # made by chatd, given to nobody: the history goes there too
+    d = Detached(
+        public,
+        {
+            "state_file": str(state / "state.json"),
+            "history": {"file": str(state / "history.sqlite3")},
+        },
+    )
     try:
         r = d.start("--daemon", "--user", "nobody", "--pidfile", str(tmp_path / "chatd.pid"))
         assert (r.returncode, r.stderr) == (0, "")
@@ -329,6 +339,7 @@ def test_the_daemon_drops_root_once_bound_and_keeps_its_files(tmp_path: Path) ->
             s.sendall(b'{"cmd": "ban", "args": {"target": "eve"}}\n')
             assert b'"ok": true' in s.recv(65536)
         assert os.stat(public / "state" / "state.json").st_uid == NOBODY  # saved as nobody
+        assert os.stat(state / "history.sqlite3").st_uid == NOBODY
         os.kill(d.pid, signal.SIGHUP)
         d.wait_for("reload")  # the log file, reopened as nobody
         os.kill(d.pid, signal.SIGTERM)

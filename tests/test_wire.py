@@ -32,6 +32,7 @@ SAMPLE = {
     "usage": "/me ACTION",
     "error": "bad frame header '1x'",
     "why": ": spam",
+    "s": "s",
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from chatd import __version__
 from chatd.core import chat as chat_rules
-from chatd.core.admin import ReloadFailed
+from chatd.core.admin import Later, ReloadFailed
 from chatd.core.bans import Bans, StateError
 from chatd.core.chat import Chat, Member
 from chatd.server import config as configmod
@@ -30,10 +30,12 @@ from chatd.server.config import Config
 from chatd.server.connection import Connection
 from chatd.server.control import AdminConn, ControlServer
 from chatd.server.errors import StartupError
+from chatd.server.history import HistoryError, Store
 from chatd.server.listeners import bind_all, raise_nofile_limit, sock_address
 from chatd.server.loop import READ, Loop
 from chatd.server.outbox import CLOSING
 from chatd.server.systemd import Notifier, monotonic_usec, watchdog_usec
+from chatd.wire.control import iso
 
 RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
 ACCEPT_BATCH = 128  # connections accepted per listener per pass
@@ -72,6 +74,7 @@ class Server:
         self.chat = Chat(config, self, hot=log.hot)
         self.chat.log_messages = self._log_messages
         self.control = ControlServer(self)
+        self.store: Store | None = None  # the history file, when there is one
 
     # The Host of the chat.
 
@@ -111,10 +114,38 @@ class Server:
             "bytes_out": stats.bytes_out + sum(c.bytes_out for c in live),
         }
 
+    def history_status(self) -> dict[str, Any]:
+        history = self.chat.history
+        if self.store is not None:
+            status = self.store.status()
+        else:
+            count, oldest = history.size(time.time())
+            status = {"file": "", "messages": count, "oldest": oldest, "complete": True}
+            status.update(lost=0, pending=0, write_lag=0.0, write_lag_p99=None)
+            status["write_lag_max"] = None
+        status["oldest"] = iso(status["oldest"])
+        status["kept"] = history.keeping
+        return status
+
+    def read_history(self, limit: int, since: float | None, user: str | None) -> Later:
+        assert self.store is not None  # asked only when the history has a file
+        return self.store.query(limit, since, user)
+
+    def forget_history(self, name: str, up_to: int) -> Later:
+        assert self.store is not None
+        return self.store.forget(name, up_to)
+
     # Start-up.
 
-    def open(self, sockets: list[socket.socket] | None = None, *, signals: bool = True) -> None:
-        """Load the bans; bind the control socket and the listeners (or adopt ``sockets``).
+    def open(
+        self,
+        sockets: list[socket.socket] | None = None,
+        *,
+        signals: bool = True,
+        become: Any = None,
+    ) -> None:
+        """Load the bans; bind the control socket and the listeners (or adopt ``sockets``);
+        call ``become()`` if given (chatd --daemon drops root there); open the history.
 
         Then install the signal wake-up (not for a server run by a test).
         """
@@ -126,6 +157,9 @@ class Server:
         self.control.open()
         socks = sockets if sockets is not None else bind_all(self.config.listen)
         self.listeners = [Listener(self, s) for s in socks]
+        if become is not None:
+            become()
+        self._open_history()
         if signals:
             signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
             self.loop.install_signals(signums, self._on_signal)
@@ -138,10 +172,29 @@ class Server:
             listen=[sock_address(lst.sock) for lst in self.listeners],
             control=self.control.path or None,
             bans=len(self.chat.bans),
+            history=self.config.history.file or None,
+            history_messages=self.store.count if self.store else None,
             max_clients=self.config.max_clients,
             nofile=nofile,
         )
         self._systemd_ready()
+
+    def _open_history(self) -> None:
+        """Open the history file, fill the memory with its newest messages, start its writer."""
+        cfg = self.config.history
+        if not cfg.file:
+            return
+        store = Store(cfg.file, self.loop)
+        try:
+            rows, floor, last = store.open(cfg.keep_messages, cfg.keep_days)
+        except HistoryError as e:
+            store.close()
+            raise StartupError(str(e)) from None
+        self.store = store
+        self.chat.history.load(rows, floor, last)
+        self.chat.history.sink = store.put
+        store.on_stop = lambda: setattr(self.chat.history, "sink", None)
+        store.start()
 
     def _systemd_ready(self) -> None:
         notifier = self.notifier
@@ -165,6 +218,10 @@ class Server:
             lst.close()
         self.listeners = []
         self.control.close()
+        if self.store is not None:
+            self.chat.history.sink = None
+            self.store.close()
+            self.store = None
         self.loop.close()
 
     # The loop.
@@ -191,6 +248,8 @@ class Server:
 
     def _fan_out(self) -> None:
         self.chat.flush()
+        if self.store is not None:
+            self.store.nudge()  # what this pass said, to the history's writer
 
     def _settle(self) -> None:
         """Drop the members whose delivery failed this pass, now that nobody walks the room."""
@@ -320,6 +379,8 @@ class Server:
         self.control.resolve_group(cfg)
         self.chat.log_messages = self._log_messages
         self.chat.reconfigure(cfg)
+        if self.store is not None:
+            self.store.configure(cfg.history.keep_messages, cfg.history.keep_days)
         for conn in self.conns.values():
             if conn.state is chat_rules.JOINED:
                 conn.decoder.max_payload = cfg.max_message_bytes
