@@ -452,3 +452,27 @@ def test_long_names_are_cut_to_a_short_header_in_a_replay() -> None:
     pairs = list(zip(frames[::2], frames[1::2], strict=True))
     assert pairs[1] == (NOTICE_SENDER, "1 earlier message")
     assert pairs[2] == (history_sender(name, r.host.wall_t)[:99], "hi")
+
+
+def test_a_name_ban_saved_before_the_rule_on_brackets_still_loads_and_lifts() -> None:
+    from chatd.core.bans import Bans
+
+    doc = {
+        "version": 1,
+        "bans": [
+            {
+                "kind": "name",
+                "target": "bob[afk]",
+                "reason": "",
+                "created": WALL0,
+                "expires": None,
+                "by": 0,
+            }
+        ],
+    }
+    d = FakeDaemon()
+    d.chat.load_bans(Bans.from_json(doc, WALL0))
+    assert d.result("unban", target="bob[afk]")["unbanned"]["target"] == "bob[afk]"
+    assert d.error("ban", target="eve]")[1] == (
+        "ban: not a user name: the name may not end like the sender of a replayed message, ']'"
+    )

@@ -315,7 +315,8 @@ def _target(cmd: str, args: dict[str, Any], max_name_bytes: int) -> tuple[str, s
         return kind, str(net)
     if kind != "name":
         raise RequestError(BAD_REQUEST, f"{cmd}: kind must be name or address, got {kind!r}")
-    problem = name_problem(target, max(max_name_bytes, 1024))
+    # An old name ban may end in ']' (refused since replayed messages came): it can go.
+    problem = name_problem(target, max(max_name_bytes, 1024), since_history=cmd == "ban")
     if problem:
         raise RequestError(BAD_REQUEST, f"{cmd}: not a user name: {problem}")
     return kind, target

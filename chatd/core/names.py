@@ -75,9 +75,13 @@ def _describe(ch: str) -> str:
     return f"U+{ord(ch):04X} {unicodedata.name(ch, 'UNNAMED')}"
 
 
-def name_problem(name: str, max_bytes: int) -> str | None:
+def name_problem(name: str, max_bytes: int, *, since_history: bool = True) -> str | None:
     """Why ``name`` can't be a user name, or None if it can (uniqueness and the mix
-    of scripts aside: a name that looks like one online is told so first)."""
+    of scripts aside: a name that looks like one online is told so first).
+
+    ``since_history=False`` lets pass a name that only ends in ']', refused since
+    replayed messages came (their sender ends so): a name ban on one, saved
+    before, still loads and can be lifted."""
     if not name:
         return "the name is empty"
     size = len(name.encode())
@@ -104,7 +108,7 @@ def name_problem(name: str, max_bytes: int) -> str | None:
         return "the name may not end like the sender of a private message, '(private)'"
     if any(k.startswith(mark) for k in keys for mark in _ACTION_MARKS):
         return "the name may not start like the sender of an action, '*'"
-    if any(k.endswith(mark) for k in keys for mark in _HISTORY_MARKS):
+    if since_history and any(k.endswith(mark) for k in keys for mark in _HISTORY_MARKS):
         return "the name may not end like the sender of a replayed message, ']'"
     return None
 
