@@ -468,5 +468,9 @@ class Store:
 
 def _take(rows: deque[Row]) -> list[Row]:
     """The next batch from the queue (BATCH_ROWS at most)."""
-    pop = rows.popleft
-    return [pop() for _ in range(min(len(rows), BATCH_ROWS))]
+    batch: list[Row] = []
+    take, pop = batch.append, rows.popleft
+    with contextlib.suppress(IndexError):  # the loop dropped some meanwhile (nudge)
+        for _ in range(min(len(rows), BATCH_ROWS)):
+            take(pop())
+    return batch
