@@ -20,8 +20,9 @@ from chatd.core.addresses import IPNetwork, in_networks
 from chatd.core.admission import Admission
 from chatd.core.bans import Bans
 from chatd.core.cluster import Backplane, Cluster
+from chatd.core.history import History, HistorySettings
 from chatd.core.moderation import Moderation
-from chatd.core.names import and_more, list_bytes, name_problem, names_line, script_problem
+from chatd.core.names import list_bytes, name_problem, script_problem
 from chatd.core.room import Room
 from chatd.core.states import GONE, HANDSHAKE, JOINED
 from chatd.core.stats import Stats
@@ -101,6 +102,8 @@ class Settings(Protocol):
     def flood(self) -> FloodSettings: ...
     @property
     def log(self) -> LogSettings: ...
+    @property
+    def history(self) -> HistorySettings: ...
 
 
 class Host(Protocol):
@@ -145,6 +148,7 @@ class Chat:
         self.room: Room[Member] = Room(settings.header_length)
         self.bans = Bans()
         self.moderation = Moderation(self)
+        self.history = History(settings.history, settings.header_length)  # what was said
         self.stats = Stats()
         self.stopping = False
         self.admission = Admission(settings)
@@ -157,10 +161,6 @@ class Chat:
         # do here.  None for a single node, which works as if they did not exist.
         self.backplane: Backplane | None = None
         self.cluster: Cluster | None = None
-
-    def join_cluster(self, backplane: Backplane) -> None:
-        self.backplane = backplane
-        self.cluster = Cluster(self, backplane.node)
 
     @property
     def live(self) -> bool:
@@ -247,21 +247,6 @@ class Chat:
             return
         self._join(m, name)
 
-    def claimed(self, m: Member, name: str, other: str | None) -> None:
-        """The cluster's answer to a claim of ``name`` for ``m``: ``other`` is the user
-        who has it (or one like it), None if it is ``m``'s now."""
-        if m.state is not HANDSHAKE or m.name != name:  # gone meanwhile
-            if other is None and self.backplane is not None:
-                self.backplane.release(m)
-            return
-        if other is None:
-            self._join(m, name)
-        elif other.casefold() == name.casefold():
-            self.reject(m, "name taken", notices.NAME_TAKEN(name=name), name=name)
-        else:
-            notice = notices.NAME_LOOKALIKE(name=name, other=other)
-            self.reject(m, "name taken", notice, name=name, like=other)
-
     def _join(self, m: Member, name: str) -> None:
         cfg = self.settings
         room = self.room
@@ -276,28 +261,17 @@ class Chat:
         before = len(f"welcome, {name}; online: ".encode())
         limit = list_bytes(cfg.header_length, before)
         if self.cluster is not None and self.cluster.users:
-            online = self._cluster_online(m, limit)
+            online = self.cluster.online_line(m, limit)
         else:
             online = room.online_line(m, limit)
         room.send_to(m, NOTICE_SENDER, notices.WELCOME(name=name, online=online))
+        replay = cfg.history.replay_on_join
+        if replay and self.history.keeping:
+            room.send_frames(m, self.history.replay(replay, self.host.wall()))
         if self.backplane is not None and self.backplane.live:
             self.backplane.emit({"t": "join", "n": name, "peer": m.peer, "since": m.since})
         else:
             room.notice(notices.JOINED(name=name), exclude=m)
-
-    def _cluster_online(self, m: Member, limit: int) -> str:
-        assert self.cluster is not None
-        names = [n for n in self.cluster.names(self.room) if n != m.name]
-        if not names:
-            return "nobody else is online"
-        text, count = names_line(names, limit)
-        return "online: " + and_more(text, count, len(names))
-
-    def everyone(self) -> list[str]:
-        """Every user's name, on every node (this node's first)."""
-        if self.cluster is not None:
-            return self.cluster.names(self.room)
-        return self.room.names()
 
     def bad_name_frame(self, m: Member, problem: str) -> None:
         """The name frame broke the framing (too long, not UTF-8): refuse the name."""
@@ -346,7 +320,8 @@ class Chat:
         room = self.room
         backplane = self.backplane
         if backplane is not None and (backplane.live or to is None):
-            self.emit_message(m, text, kind, to)
+            assert self.cluster is not None
+            self.cluster.emit_message(m, text, kind, to)
             return
         if to is not None:
             room.send_to(to, private_sender(m.name), text)
@@ -355,27 +330,9 @@ class Chat:
             return
         room.post(m, text, as_name=action_sender(m.name) if kind == "action" else None)
         if kind == "message":
-            self.accepted(m, text)
-        else:
-            self.accepted(m, text, kind=kind)
-
-    def emit_message(self, m: Member, text: str, kind: str, to: Member | str | None) -> None:
-        """A message through the other nodes' log (delivered here when it comes back), or,
-        with the link down, here at once and kept for them (the backplane replays it)."""
-        assert self.backplane is not None
-        to_name = to if isinstance(to, str) or to is None else to.name
-        if to_name is not None:
-            event = {"t": "p", "n": m.name, "to": to_name, "x": text}
-        else:
-            event = {"t": "m", "n": m.name, "x": text, "k": kind}
-        if not self.backplane.live:
-            room = self.room
-            if to is None:
-                room.post(m, text, as_name=action_sender(m.name) if kind == "action" else None)
-        self.backplane.emit(event)
-        if to_name is not None:
-            self.accepted(m, text, kind=kind, to=to_name)
-        elif kind == "message":
+            history = self.history
+            if history.keeping:  # the room's history: ordinary messages alone
+                history.add(m.name, text, self.host.wall())
             self.accepted(m, text)
         else:
             self.accepted(m, text, kind=kind)
@@ -541,6 +498,7 @@ class Chat:
         old = self.settings
         self.settings = settings
         self.admission.reconfigure(settings)
+        self.history.configure(settings.history)
         flood = settings.flood
         for m in self.host.members():
             if m.state is GONE:

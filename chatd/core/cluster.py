@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chatd.core.bans import Ban, StateError
+from chatd.core.names import and_more, names_line
+from chatd.core.states import HANDSHAKE
 from chatd.wire import notices
 from chatd.wire.chat import action_sender, private_sender, sent_sender
 
@@ -180,8 +182,10 @@ class Cluster:
                 return  # said while the link was down: our users saw it then
             name = event["n"]
             sender = room.get(name) if mine else None
-            shown = action_sender(name) if event.get("k") == "action" else name
-            room.broadcast(shown, event["x"], exclude=sender)
+            action = event.get("k") == "action"
+            room.broadcast(action_sender(name) if action else name, event["x"], exclude=sender)
+            if not action and chat.history.keeping:  # every node keeps the room's history
+                chat.history.add(name, event["x"], chat.host.wall())
         elif t == "p":
             if mine and event.get("mid") in self.delivered:
                 self.delivered.discard(event["mid"])
@@ -251,3 +255,51 @@ class Cluster:
     def names(self, local: Iterable[Member]) -> list[str]:
         """Everyone's names: this node's users, then the others'."""
         return [m.name for m in local] + [u.name for u in self.users.values()]
+
+    # What the chat hands over when it has a backplane.
+
+    def claimed(self, m: Member, name: str, other: str | None) -> None:
+        """The cluster's answer to a claim of ``name`` for ``m``: ``other`` is the user
+        who has it (or one like it), None if it is ``m``'s now."""
+        chat = self.chat
+        if m.state is not HANDSHAKE or m.name != name:  # gone meanwhile
+            if other is None and chat.backplane is not None:
+                chat.backplane.release(m)
+            return
+        if other is None:
+            chat._join(m, name)
+        elif other.casefold() == name.casefold():
+            chat.reject(m, "name taken", notices.NAME_TAKEN(name=name), name=name)
+        else:
+            notice = notices.NAME_LOOKALIKE(name=name, other=other)
+            chat.reject(m, "name taken", notice, name=name, like=other)
+
+    def online_line(self, m: Member, limit: int) -> str:
+        """The welcome's list of who else is online, on every node."""
+        names = [n for n in self.names(self.chat.room) if n != m.name]
+        if not names:
+            return "nobody else is online"
+        text, count = names_line(names, limit)
+        return "online: " + and_more(text, count, len(names))
+
+    def emit_message(self, m: Member, text: str, kind: str, to: Member | str | None) -> None:
+        """A message through the other nodes' log (delivered here when it comes back), or,
+        with the link down, here at once and kept for them (the backplane replays it)."""
+        chat = self.chat
+        assert chat.backplane is not None
+        to_name = to if isinstance(to, str) or to is None else to.name
+        if to_name is not None:
+            event = {"t": "p", "n": m.name, "to": to_name, "x": text}
+        else:
+            event = {"t": "m", "n": m.name, "x": text, "k": kind}
+        if not chat.backplane.live and to is None:
+            chat.room.post(m, text, as_name=action_sender(m.name) if kind == "action" else None)
+            if kind == "message" and chat.history.keeping:
+                chat.history.add(m.name, text, chat.host.wall())
+        chat.backplane.emit(event)
+        if to_name is not None:
+            chat.accepted(m, text, kind=kind, to=to_name)
+        elif kind == "message":
+            chat.accepted(m, text)
+        else:
+            chat.accepted(m, text, kind=kind)

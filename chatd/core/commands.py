@@ -1,4 +1,4 @@
-"""Carrying out the in-band commands (/who, /msg, /me, //text, /quit, /help).
+"""Carrying out the in-band commands (/who, /msg, /me, /history, //text, /quit, /help).
 
 The grammar is wire's (`chatd.wire.chat.parse`); this is what each command does in the
 room.  Nobody but the sender ever sees a command: the answers are notices to it
@@ -35,8 +35,8 @@ def run(hub: Chat, m: Member, text: str) -> None:
     elif isinstance(command, chat.Private):
         target = room.get(command.to)
         remote = hub.cluster.users.get(command.to.casefold()) if hub.cluster else None
-        if target is None and remote is not None and hub.live:
-            hub.emit_message(m, command.text, "private", remote.name)
+        if target is None and remote is not None and hub.cluster is not None and hub.live:
+            hub.cluster.emit_message(m, command.text, "private", remote.name)
         elif target is None:
             room.send_to(m, NOTICE_SENDER, notices.NOBODY_CALLED(name=command.to))
         elif target is m:
@@ -44,8 +44,17 @@ def run(hub: Chat, m: Member, text: str) -> None:
         else:
             hub.relay(m, command.text, kind="private", to=target)
     elif isinstance(command, chat.Who):
-        line = who_line(hub.everyone(), list_bytes(room.header_length))
+        everyone = hub.cluster.names(room) if hub.cluster is not None else room.names()
+        line = who_line(everyone, list_bytes(room.header_length))
         room.send_to(m, NOTICE_SENDER, line)
+    elif isinstance(command, chat.History):
+        history = hub.history
+        replay = history.replay(command.count, hub.host.wall()) if history.keeping else b""
+        if replay:
+            room.send_frames(m, replay)
+        else:
+            none = notices.HISTORY_NONE if history.keeping else notices.HISTORY_OFF
+            room.send_to(m, NOTICE_SENDER, none())
     elif isinstance(command, chat.Quit):
         hub.drop(m, "quit")
     else:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from chatd.core.bans import Ban
 from chatd.core.chat import Chat, Member
-from chatd.core.cluster import Event, RemoteUser
+from chatd.core.cluster import Cluster, Event, RemoteUser
 from chatd.core.names import name_keys
 from chatd.core.states import GONE, JOINED
 from chatd.server.config import ClusterConfig, redacted_url
@@ -94,6 +94,22 @@ class Link:
             self._post,
         )
         self.run = self.thread.token  # this run of this node, in the owners of its names
+
+    @classmethod
+    def attach(cls, server: Server) -> Link | None:
+        """The link of ``server``'s chat to the other nodes, or None without cluster.redis."""
+        if not server.config.cluster.redis:
+            return None
+        link = cls(server, server.config.cluster)
+        server.chat.backplane = link
+        server.chat.cluster = Cluster(server.chat, link.node)
+        return link
+
+    def status_suffix(self) -> str:
+        """What STATUS= adds about the link."""
+        if self.live:
+            return ""
+        return "; link to the other servers down, serving this server's users only"
 
     @property
     def chat(self) -> Chat:
@@ -278,7 +294,7 @@ class Link:
                 event = {"t": "join", "n": m.name, "peer": m.peer, "since": m.since}
                 self.emit({**event, "again": True})
             return
-        self.chat.claimed(m, name, None if holder in ("", "=") else holder)
+        self._cluster().claimed(m, name, None if holder in ("", "=") else holder)
 
     def _drop_taken(self, m: Member) -> None:
         name = m.name
@@ -381,7 +397,7 @@ class Link:
         claims, self.claims = self.claims, {}
         for m, name in claims.values():
             if m.state is not GONE and m.state is not JOINED:
-                self.chat.claimed(m, name, None)
+                self._cluster().claimed(m, name, None)
 
     def _unsent(self, ops: list[tuple[Any, ...]]) -> None:
         """Operations the link failed to carry out: their events are delivered here now
@@ -405,6 +421,10 @@ class Link:
         """An event of ours the log may never have: what it does here."""
         assert self.chat.cluster is not None
         self.chat.cluster.apply(event, roster=False)
+
+    def _cluster(self) -> Cluster:
+        assert self.chat.cluster is not None
+        return self.chat.cluster
 
     # For chatctl and STATUS=.
 

@@ -81,12 +81,21 @@ class Identity:
 
     def become(self, cfg: Config) -> None:
         """Hand chatd's files to the user (so it can keep writing them), then drop root:
-        the state directory and file, the control socket, the log file; no links followed."""
+        the state directory and file, the history's directory and files, the control
+        socket, the log file; no links followed."""
         if os.geteuid() != 0:
             return
         state_dir = os.path.dirname(cfg.state_file) or "."
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
-        for path in (state_dir, cfg.state_file, cfg.control.socket, cfg.log.file):
+        history = cfg.history.file
+        owned = [state_dir, cfg.state_file, cfg.control.socket, cfg.log.file]
+        if history:
+            history_dir = os.path.dirname(history) or "."
+            if not os.path.isdir(history_dir):  # made for chatd: its own (not a /var/lib)
+                os.makedirs(history_dir, mode=0o750)
+                owned.append(history_dir)
+            owned += [history, history + "-wal", history + "-shm"]
+        for path in owned:
             if path:
                 with contextlib.suppress(FileNotFoundError):
                     os.chown(
@@ -345,13 +354,16 @@ def _serve(
         ready.error(str(e))
         return 1
     try:
-        try:
-            server.open(sockets)
+
+        def become() -> None:  # before the history file is opened: it must be that user's
             if identity is not None:
                 identity.become(cfg)
                 server.log.info(
                     "serving_as", user=identity.user, uid=identity.uid, gid=identity.gid
                 )
+
+        try:
+            server.open(sockets, become=become)
         except (StartupError, OSError) as e:
             ready.error(str(e) if isinstance(e, StartupError) else f"cannot drop root: {e}")
             return 1

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from chatd import __version__
 from chatd.core.admission import address_key
 from chatd.core.chat import HANDSHAKE, JOINED
+from chatd.core.history import History
 from chatd.core.stats import Stats
 from chatd.server import systemd
 from chatd.server.connection import Connection
@@ -88,11 +89,24 @@ def to_systemd(server: Server) -> None:
     server.handed_over = True
 
 
+def store_listening(server: Server) -> None:
+    """Put the listeners, the control socket and the metrics listener in systemd's
+    file descriptor store (the metrics one the chatd before had goes first)."""
+    notifier = server.notifier
+    notifier.store([lst.sock.fileno() for lst in server.listeners], "listen")
+    if server.control.sock is not None:
+        notifier.store([server.control.sock.fileno()], "control")
+    notifier.unstore("metrics")
+    if server.metrics.listener is not None:
+        notifier.store([server.metrics.listener.sock.fileno()], "metrics")
+
+
 def snapshot(server: Server, names: list[str] | None = None) -> bytes:
     """The state of ``server`` as the next chatd needs it.  The room must be flushed
     (nothing posted waits) and no connection closing (`quiesce`); ``names``: those
     of the descriptors passed with it, in order (`descriptors`)."""
     chat = server.chat
+    history = chat.history
     assert not chat.room.pending, "flush the room before the snapshot"
     members = list(chat.room) + [c for c in server.conns.values() if c.state is HANDSHAKE]
     buckets = {key: [bucket.tokens, bucket.stamp] for key, bucket in chat.admission.buckets()}
@@ -104,6 +118,8 @@ def snapshot(server: Server, names: list[str] | None = None) -> bytes:
         "deliveries": chat.room.deliveries,
         "buckets": buckets,
         "connections": [_connection(c) for c in members if isinstance(c, Connection)],
+        # The ring of what was said (the file may not have its last rows yet).
+        "history": {"rows": list(history.ring), "floor": history.floor, "seq": history.seq},
     }
     if names is not None:
         doc["descriptors"] = names
@@ -251,6 +267,7 @@ def adopt(server: Server, inherited: Inherited) -> int:
     if doc:
         chat.stats = Stats(**doc["stats"])
         chat.room.deliveries = int(doc["deliveries"])
+        _restore_history(chat.history, doc.get("history"))
     adopted = 0
     # Members in the order they joined (the state lists them so), the rest after.
     rank = {serial: i for i, serial in enumerate(known)}
@@ -277,6 +294,18 @@ def adopt(server: Server, inherited: Inherited) -> int:
         adopted += 1
     inherited.connections.clear()
     return adopted
+
+
+def _restore_history(history: History, said: Any) -> None:
+    """The ring as the chatd before had it, newer than the file may be yet (its
+    writer finishes after the handover); a ring that does not read stays as loaded."""
+    try:
+        rows = [(int(i), float(t), str(name), str(text)) for i, t, name, text in said["rows"]]
+        floor, seq = int(said["floor"]), int(said["seq"])
+    except (TypeError, ValueError, KeyError):
+        return
+    history.ring.clear()
+    history.load(rows, floor, seq)
 
 
 def _bucket(doc: dict[str, Any] | None, conn: Connection) -> tuple[float, float] | None:

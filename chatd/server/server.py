@@ -22,7 +22,7 @@ from typing import Any
 
 from chatd import __version__
 from chatd.core import chat as chat_rules
-from chatd.core.admin import ReloadFailed
+from chatd.core.admin import Later, ReloadFailed
 from chatd.core.bans import Bans, StateError
 from chatd.core.chat import Chat, Member
 from chatd.server import config as configmod
@@ -33,12 +33,13 @@ from chatd.server.connection import Connection
 from chatd.server.control import ControlServer
 from chatd.server.errors import StartupError
 from chatd.server.handover import Inherited
+from chatd.server.history import HistoryError, Store, history_status, open_store
 from chatd.server.listeners import bind_all, raise_nofile_limit, sock_address
 from chatd.server.loop import READ, Loop
 from chatd.server.metrics import Metrics
 from chatd.server.outbox import CLOSING, Outbox
 from chatd.server.reexec import Successor
-from chatd.server.systemd import Notifier, monotonic_usec, watchdog_usec
+from chatd.server.systemd import Notifier, monotonic_usec
 from chatd.wire import notices
 
 RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
@@ -86,10 +87,9 @@ class Server:
         self.chat.log_messages = self._log_messages
         self.control = ControlServer(self)
         self.metrics = Metrics(self)  # and its listener, metrics.listen
-        self.link: Link | None = None  # cluster.redis: the other nodes
-        if config.cluster.redis:
-            self.link = Link(self, config.cluster)
-            self.chat.join_cluster(self.link)
+        self.link = Link.attach(self)  # cluster.redis: the other nodes (None: no cluster)
+        self._closing = (self.reap,) if self.link is None else (self.link.send, self.reap)
+        self.store: Store | None = None  # the history file, when there is one
 
     # The Host of the chat.
 
@@ -141,6 +141,17 @@ class Server:
     def metrics_text(self) -> str:
         return self.metrics.text()
 
+    def history_status(self) -> dict[str, Any]:
+        return history_status(self.store, self.chat.history)
+
+    def read_history(self, limit: int, since: float | None, user: str | None) -> Later:
+        assert self.store is not None  # asked only when the history has a file
+        return self.store.query(limit, since, user)
+
+    def forget_history(self, name: str, up_to: int) -> Later:
+        assert self.store is not None
+        return self.store.forget(name, up_to)
+
     # Start-up.
 
     def open(
@@ -149,9 +160,11 @@ class Server:
         *,
         signals: bool = True,
         inherited: Inherited | None = None,
+        become: Any = None,
     ) -> None:
         """Load the bans; bind the control socket and the listeners (or adopt
-        ``sockets``, or what the chatd before this one handed over: ``inherited``).
+        ``sockets``, or what the chatd before this one handed over: ``inherited``);
+        call ``become()`` if given (chatd --daemon drops root there); open the history.
 
         Then install the signal wake-up (not for a server run by a test).
         """
@@ -169,7 +182,14 @@ class Server:
             socks = sockets if sockets is not None else bind_all(self.config.listen)
         self.listeners = [Listener(self, s) for s in socks]
         self.metrics.open(inherited.metrics if inherited else None)
-        self._store_listening()
+        if self.fdstore:
+            handover.store_listening(self)
+        if become is not None:
+            become()
+        try:
+            self.store = open_store(self.config.history, self.loop, self.chat.history)
+        except HistoryError as e:
+            raise StartupError(str(e)) from None
         began = time.monotonic()
         adopted = handover.adopt(self, inherited) if inherited is not None else 0
         adopt_ms = round((time.monotonic() - began) * 1000, 1)
@@ -194,23 +214,13 @@ class Server:
             control=self.control.path or None,
             metrics=self.metrics.address,
             bans=len(self.chat.bans),
+            history=self.config.history.file or None,
+            history_messages=self.store.count if self.store else None,
             max_clients=self.config.max_clients,
             **({"cluster": self.link.node} if self.link is not None else {}),
             nofile=nofile,
         )
-        self._systemd_ready()
-
-    def _systemd_ready(self) -> None:
-        notifier = self.notifier
-        if notifier.error:
-            self.log.warning("sd_notify_unavailable", error=notifier.error)
-        if not notifier.enabled:
-            return
-        notifier.notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
-        interval = watchdog_usec() / 2e6
-        if interval > 0:
-            self.log.info("watchdog", ping_seconds=interval)
-            self.call_at(time.monotonic() + interval, self._watchdog, interval)
+        self.notifier.ready(self.status_line(), self.log, self.call_at)
 
     def close_all(self) -> None:
         """Release everything (after run(), or if it never ran).  After a handover the
@@ -226,7 +236,15 @@ class Server:
         self.control.close(keep_file=self.handed_over)
         if self.link is not None:
             self.link.close()
+        self.close_history()
         self.loop.close()
+
+    def close_history(self) -> None:
+        """Write what the history's writer has queued, and stop it."""
+        if self.store is not None:
+            self.chat.history.sink = None
+            self.store.close()
+            self.store = None
 
     # The loop.
 
@@ -236,7 +254,7 @@ class Server:
         while not self.done:
             self.step()
         log.defer(False)
-        self._log_shutdown()
+        _log_shutdown(self)
         return 0
 
     @property
@@ -250,13 +268,13 @@ class Server:
         """One pass of the loop."""
         self.loop.guard("log", log.flush)
         due = 0.0 if self.doomed or self.failed else self.chat.next_flush()
-        if self.link is None:
-            self.loop.run_pass(due, (self._fan_out, self.settle), (self.reap,))
-        else:  # what the pass emitted goes to the other nodes in one batch
-            self.loop.run_pass(due, (self._fan_out, self.settle), (self.link.send, self.reap))
+        # With a cluster, what the pass emitted goes to the other nodes in one batch.
+        self.loop.run_pass(due, (self._fan_out, self.settle), self._closing)
 
     def _fan_out(self) -> None:
         self.chat.flush()
+        if self.store is not None:
+            self.store.nudge()  # what this pass said, to the history's writer
 
     def settle(self) -> None:
         """Drop the members whose delivery failed this pass, now that nobody walks the room."""
@@ -316,15 +334,6 @@ class Server:
         if self.fdstore:
             self.notifier.unstore(f"c{serial}")
 
-    def _store_listening(self) -> None:
-        if self.fdstore:
-            self.notifier.store([lst.sock.fileno() for lst in self.listeners], "listen")
-            if self.control.sock is not None:
-                self.notifier.store([self.control.sock.fileno()], "control")
-            self.notifier.unstore("metrics")  # the one the chatd before had, if any
-            if self.metrics.listener is not None:
-                self.notifier.store([self.metrics.listener.sock.fileno()], "metrics")
-
     # Signals, shutdown and reload.
 
     def _on_signal(self, signum: int) -> None:
@@ -358,17 +367,6 @@ class Server:
             if conn.link is CLOSING:  # refused or left earlier: no more lingering
                 conn.close_now()
         self.chat.stop()
-
-    def _log_shutdown(self) -> None:
-        stats = self.chat.stats
-        self.log.info(
-            "shutdown",
-            uptime=round(time.time() - stats.started, 3),
-            connections=stats.connections,
-            messages=stats.messages,
-            peak_users=stats.peak_users,
-            unflushed=sum(1 for c in self.conns.values() if c.queued),
-        )
 
     def reload(self) -> tuple[list[str], list[str]]:
         """Re-read the config file; return (keys applied, keys needing a restart).
@@ -415,6 +413,8 @@ class Server:
         self.control.resolve_group(cfg)
         self.chat.log_messages = self._log_messages
         self.chat.reconfigure(cfg)
+        if self.store is not None:
+            self.store.configure(cfg.history.keep_messages, cfg.history.keep_days)
         for conn in self.conns.values():
             if conn.state is chat_rules.JOINED:
                 conn.decoder.max_payload = cfg.max_message_bytes
@@ -435,8 +435,7 @@ class Server:
             f"{users} user{'' if users == 1 else 's'} online, "
             f"{len(self.conns)} connection{'' if len(self.conns) == 1 else 's'}"
         )
-        if self.link is not None and not self.link.live:
-            line += "; link to the other servers down, serving this server's users only"
+        line += self.link.status_suffix() if self.link is not None else ""
         if self._reload_error:
             line += f"; reload failed, old config kept: {self._reload_error}"
         return line
@@ -445,11 +444,6 @@ class Server:
         self._status_scheduled = False
         if not self.stopping:
             self.notifier.notify(f"STATUS={self.status_line()}")
-
-    def _watchdog(self, interval: float) -> None:
-        # A timer of the loop: when the loop is stuck, the pings stop and systemd acts.
-        self.notifier.notify("WATCHDOG=1")
-        self.call_at(time.monotonic() + interval, self._watchdog, interval)
 
 
 class Listener:
@@ -488,6 +482,18 @@ class Listener:
     def close(self) -> None:
         self.server.loop.unregister(self.sock)
         self.sock.close()
+
+
+def _log_shutdown(server: Server) -> None:
+    stats = server.chat.stats
+    server.log.info(
+        "shutdown",
+        uptime=round(time.time() - stats.started, 3),
+        connections=stats.connections,
+        messages=stats.messages,
+        peak_users=stats.peak_users,
+        unflushed=sum(1 for c in server.conns.values() if c.queued),
+    )
 
 
 def _ignore_timer(arg: Any) -> None:
