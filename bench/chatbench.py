@@ -25,6 +25,10 @@ Scenarios:
   h  history write lag: 10 senders offer 10,000 messages/s (--lag-rate) for
      --lag-seconds to 10 receivers; the writer's lag (p99 and max over its batches,
      each measured at its oldest message) from `stats`, and whether it kept up
+  i  cluster (bench/clusterbench.py): 2 chatd nodes and a redis-server, all on the
+     daemon's core, receivers split across the nodes, 10 senders on node A:
+     deliveries/s and CPU per message against one node alone (100 and 1,000
+     receivers), and latency from node A to probes on node B at 100 messages/s
 
 The daemon runs with its default configuration (log level info, JSON message
 events with text; the history kept in a file in a temporary directory) but for
@@ -354,14 +358,14 @@ class Generator:
         self.conns.pop(fd, None)
         c.sock.close()
 
-    def connect(self, name: str, want: int) -> Conn:
+    def connect(self, name: str, want: int, port: int | None = None) -> Conn:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = Conn(s, name, want)
         self.joining += 1
         self.conns[s.fileno()] = c
-        rc = s.connect_ex(self.addr)
+        rc = s.connect_ex(self.addr if port is None else ("127.0.0.1", port))
         if rc not in (0, errno.EINPROGRESS):
             self.fail(c, errno.errorcode.get(rc, str(rc)))
             return c
@@ -369,7 +373,7 @@ class Generator:
         return c
 
     def join_many(
-        self, names: list[str], want: int, in_flight: int, limit: float
+        self, names: list[str], want: int, in_flight: int, limit: float, port: int | None = None
     ) -> tuple[float, list[Conn]]:
         """Connect and register ``names``, at most ``in_flight`` at once.
 
@@ -381,7 +385,7 @@ class Generator:
         before = len(self.joined)
         while (todo or self.joining) and time.monotonic() < deadline:
             while todo and self.joining < in_flight:
-                self.connect(todo.pop(), want)
+                self.connect(todo.pop(), want, port)
             self.poll(0.05)
         if todo or self.joining:
             raise BenchError(
@@ -1138,7 +1142,9 @@ def machine() -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     rows = [("scenario", "figure", "median", "target", "saturated")]
     for key, r in res["scenarios"].items():
-        if key.startswith("fanout"):
+        if "rows" in r:  # a scenario that says itself how it reads (clusterbench)
+            rows.extend(tuple(row) for row in r["rows"])
+        elif key.startswith("fanout"):
             target = {100: 4_000_000, 1000: 2_500_000}.get(r["receivers"])
             rows.append(
                 (
@@ -1268,7 +1274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one round of each scenario")
     p.add_argument("--rounds", type=int, default=5, help="rounds per scenario (default 5)")
     p.add_argument(
-        "--scenarios", default="abcdefgh", help="which scenarios to run (default abcdefgh)"
+        "--scenarios", default="abcdefghi", help="which scenarios to run (default abcdefghi)"
     )
     p.add_argument("--seconds", type=float, default=2.0, help="seconds measured per round")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
@@ -1353,6 +1359,15 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("g", "storm_replay_off", lambda: join_storm(args, 100, rounds, HISTORY_OFF)))
     if "h" in args.scenarios:
         plan.append(("h", "write_lag", lambda: write_lag(args, rounds)))
+    if "i" in args.scenarios:
+        import clusterbench  # beside this file
+
+        me = sys.modules[__name__]
+        for n in args.receivers:
+            plan.append(
+                ("i", f"cluster_fanout_{n}", lambda n=n: clusterbench.fanout(me, args, n, rounds))
+            )
+        plan.append(("i", "cluster_latency", lambda: clusterbench.latency(me, args, rounds)))
     failed = False
     for _letter, key, run in plan:
         print(f"== {key}", file=sys.stderr, flush=True)

@@ -413,3 +413,20 @@ def test_a_node_restarted_after_kill_9_takes_its_name_back(node: Callable[..., D
     assert bob.recv_text(NOTICE, timeout=5) == "alice left (server a restarted)"
     a2.client("alice")
     assert alice is not None
+
+
+def test_a_name_and_messages_sent_at_once_wait_for_the_claim(node: Callable[..., Daemon]) -> None:
+    """The tutorial's client sends its name and a message in one write: the message
+    (longer than a name may be) waits until the cluster gave the name."""
+    from helpers import frame
+
+    a, b = node("a"), node("b")
+    up(a, b)
+    bob = b.client("bob")
+    wait_known(a, "bob")
+    c = a.client()
+    long = "x" * 100
+    c.send_raw(frame("alice") + frame(long) + frame("/who"))
+    assert c.recv()[1].startswith("welcome, alice")
+    assert bob.recv_text("alice") == long
+    assert c.recv_text(NOTICE) == "online (2): alice, bob"

@@ -75,9 +75,6 @@ class Backplane(Protocol):
     def nodes(self) -> list[dict[str, Any]]:
         """The live nodes as last listed: name, lease left, users, link."""
 
-    def remote(self) -> dict[str, RemoteUser]:
-        """The users of the other nodes, by casefolded name, in join order."""
-
 
 @dataclass(frozen=True)
 class RemoteUser:

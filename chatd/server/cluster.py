@@ -29,6 +29,7 @@ from chatd.core.cluster import Cluster, Event, RemoteUser
 from chatd.core.names import name_keys
 from chatd.core.states import GONE, JOINED
 from chatd.server.config import ClusterConfig, redacted_url
+from chatd.server.connection import Connection
 from chatd.server.errors import StartupError
 from chatd.server.loop import READ
 from chatd.server.redislink import Duplicate, RedisLink
@@ -70,6 +71,7 @@ class Link:
         self.ops: list[tuple[Any, ...]] = []  # for the thread at the end of this pass
         self.outbox: list[Event] = []  # emitted while the link was down, in order
         self.claims: dict[int, tuple[Member, str]] = {}  # claim id -> who, which name
+        self.claiming: set[int] = set()  # id() of connections waiting for their name
         self.registered: dict[int, str] = {}  # id(member) of users the cluster knows -> owner
         self.nodes: list[dict[str, Any]] = []
         self.nodes_at = 0.0
@@ -169,6 +171,8 @@ class Link:
     def claim(self, m: Member, name: str) -> None:
         cid = next(self._cids)
         self.claims[cid] = (m, name)
+        if m.state is not JOINED:
+            self.claiming.add(id(m))
         self.ops.append(self._claim_op(cid, m, name))
 
     def _claim_op(self, cid: int, m: Member, name: str) -> tuple[Any, ...]:
@@ -213,9 +217,6 @@ class Link:
     def kick(self, user: RemoteUser, reason: str, by: int) -> None:
         """Ask the node serving ``user`` to kick it."""
         self.emit({"t": "kick", "n": user.name, "on": user.node, "why": reason, "by": by})
-
-    def remote(self) -> dict[str, RemoteUser]:
-        return self.chat.cluster.users if self.chat.cluster else {}
 
     # Batches to the thread, once per pass.
 
@@ -294,7 +295,16 @@ class Link:
                 event = {"t": "join", "n": m.name, "peer": m.peer, "since": m.since}
                 self.emit({**event, "again": True})
             return
-        self._cluster().claimed(m, name, None if holder in ("", "=") else holder)
+        self._answered(m, name, None if holder in ("", "=") else holder)
+
+    def _answered(self, m: Member, name: str, other: str | None) -> None:
+        """A connection's claim is answered: it joins (and what it sent after its name
+        is taken now) or it is refused."""
+        self.claiming.discard(id(m))
+        self._cluster().claimed(m, name, other)
+        if m.state is JOINED and isinstance(m, Connection):
+            m.decoder.max_payload = self.server.config.max_message_bytes
+            m.consume()
 
     def _drop_taken(self, m: Member) -> None:
         name = m.name
@@ -397,7 +407,7 @@ class Link:
         claims, self.claims = self.claims, {}
         for m, name in claims.values():
             if m.state is not GONE and m.state is not JOINED:
-                self._cluster().claimed(m, name, None)
+                self._answered(m, name, None)
 
     def _unsent(self, ops: list[tuple[Any, ...]]) -> None:
         """Operations the link failed to carry out: their events are delivered here now
@@ -409,18 +419,13 @@ class Link:
                 event = json.loads(op[1])
                 if event.get("t") == "kick":
                     continue
-                self._apply_local(event)
+                cluster.apply(event, roster=False)  # what it does here, as it was meant
                 if "mid" in event:
                     cluster.delivered.add(event["mid"])
                 event["replay"] = True
                 self.outbox.append(event)
             elif op[0] == "release":
                 self.pending_releases.append(op)
-
-    def _apply_local(self, event: Event) -> None:
-        """An event of ours the log may never have: what it does here."""
-        assert self.chat.cluster is not None
-        self.chat.cluster.apply(event, roster=False)
 
     def _cluster(self) -> Cluster:
         assert self.chat.cluster is not None

@@ -96,12 +96,23 @@ class Connection(Outbox):
             chat.drop(self, "quit" if self.decoder.idle else "closed")
             return
         self.bytes_in += n
-        decoder = self.decoder
-        decoder.feed(buf[:n])
+        self.decoder.feed(buf[:n])
         self.last_active = time.monotonic()
+        self.consume()
+
+    def consume(self) -> None:
+        """Take the frames the decoder has: the name, then messages.  While the cluster
+        answers a claim of the name (server.link), the rest waits in the decoder;
+        the link calls this again once the name is this connection's."""
+        server = self.server
+        chat = server.chat
+        decoder = self.decoder
         next_frame = decoder.next_frame
+        link = server.link
         try:
             while self.state is HANDSHAKE:
+                if link is not None and id(self) in link.claiming:
+                    return
                 name = next_frame()
                 if name is None:
                     return
