@@ -35,7 +35,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, where: Path) -> None:
+    def __init__(self, where: Path, extra: list[str] | None = None) -> None:
+        self.extra = extra or []
         self.binary = need_redis()
         self.where = where
         where.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", str(self.where),
                 "--protected-mode", "no",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from helpers import NOTICE, Daemon
 
 
@@ -30,8 +32,6 @@ def up(*nodes: Daemon) -> None:
 
 def wait_known(d: Daemon, name: str, timeout: float = 5.0) -> dict[str, Any]:
     """Wait until ``d`` lists ``name`` (a user of any node); return its entry."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         users = {u["name"]: u for u in d.result("list")["users"]}
@@ -87,8 +87,6 @@ def test_names_are_unique_across_nodes(node: Callable[..., Daemon]) -> None:
         (NOTICE, "name rejected: 'a1ice' looks like 'alice', who is online")
     ]
     alice.close()  # the name is free again, on every node
-    import time
-
     deadline = time.monotonic() + 5
     while "alice" in {u["name"] for u in b.result("list")["users"]}:
         assert time.monotonic() < deadline
@@ -170,8 +168,6 @@ def test_admin_list_kick_say_stats_and_nodes_across_nodes(node: Callable[..., Da
     assert "redis://127.0.0.1:" in stats["redis"]
     nodes = b.result("nodes")
     assert nodes["node"] == "b"
-    import time
-
     deadline = time.monotonic() + 5
     while {n["node"] for n in b.result("nodes")["nodes"]} != {"a", "b"}:
         assert time.monotonic() < deadline
@@ -192,8 +188,6 @@ def test_bans_reach_every_node_and_stay_in_redis(node: Callable[..., Daemon]) ->
     assert c.expect_closed() == [(NOTICE, "name rejected: 'eve' is banned: spam")]
     assert [x["target"] for x in b.result("bans")["bans"]] == ["eve"]
     a.result("ban", target="127.0.0.1", reason="lan")
-    import time
-
     deadline = time.monotonic() + 5
     while not any(x["target"] == "127.0.0.1/32" for x in b.result("bans")["bans"]):
         assert time.monotonic() < deadline
@@ -260,8 +254,6 @@ def test_required_cluster_without_redis_is_an_error(tmp_path: Any) -> None:
 
 def wait_gone(d: Daemon, name: str, timeout: float) -> float:
     """Wait until ``d`` no longer lists ``name``; return how long it took."""
-    import time
-
     began = time.monotonic()
     while name in {u["name"] for u in d.result("list")["users"]}:
         assert time.monotonic() - began < timeout, f"{name} still listed"
@@ -269,6 +261,7 @@ def wait_gone(d: Daemon, name: str, timeout: float) -> float:
     return time.monotonic() - began
 
 
+@pytest.mark.slow
 def test_a_killed_node_s_users_leave_within_the_lease(node: Callable[..., Daemon]) -> None:
     import signal
 
@@ -291,8 +284,6 @@ def test_a_killed_node_s_users_leave_within_the_lease(node: Callable[..., Daemon
 
 def until(c: Any, sender: str, text: str, timeout: float = 10) -> None:
     """Skip what arrives until ``text`` from ``sender``."""
-    import time
-
     deadline = time.monotonic() + timeout
     while c.recv(max(0.0, deadline - time.monotonic())) != (sender, text):
         pass
@@ -370,11 +361,10 @@ def test_redis_killed_and_restarted_mid_chat(
     assert a.find("resync")
 
 
+@pytest.mark.slow
 def test_a_paused_redis_does_not_stall_the_loop(
     node: Callable[..., Daemon], redis_server: Any
 ) -> None:
-    import time
-
     a, b = node("a", lease=6), node("b", lease=6)
     up(a, b)
     alice = a.client("alice")
@@ -398,6 +388,7 @@ def test_a_paused_redis_does_not_stall_the_loop(
     a.wait_for("cluster_link_up", timeout=15, replay=1)
 
 
+@pytest.mark.slow
 def test_a_node_restarted_after_kill_9_takes_its_name_back(node: Callable[..., Daemon]) -> None:
     import signal
 
@@ -430,3 +421,51 @@ def test_a_name_and_messages_sent_at_once_wait_for_the_claim(node: Callable[...,
     assert c.recv()[1].startswith("welcome, alice")
     assert bob.recv_text("alice") == long
     assert c.recv_text(NOTICE) == "online (2): alice, bob"
+
+
+@pytest.mark.slow
+def test_a_node_that_fell_behind_catches_up_and_counts_what_the_history_lost(
+    node: Callable[..., Daemon], redis_server: Any, tmp_path: Any
+) -> None:
+    """Node b stops reading (SIGSTOP) until Redis drops its pub/sub connection (a small
+    output buffer limit); back, it fills the gap from the stream, and what the stream
+    (history 100) no longer has is counted in a notice to its users."""
+    import signal
+
+    import redis
+
+    r = redis.Redis(port=redis_server.port)
+    r.config_set("client-output-buffer-limit", "pubsub 16kb 0 0")
+    a = node("a", {"flood": {"rate": 0}}, lease=30, history=100)
+    b = node("b", lease=30, history=100)
+    up(a, b)
+    reader = b.client("reader")
+    wait_known(a, "reader")
+    sender = a.client("sender")
+    assert reader.recv_text(NOTICE) == "sender joined"
+    b.signal(signal.SIGSTOP)
+    try:
+        total = 4000
+        for i in range(total):
+            sender.send(f"m{i:04d} " + "x" * 300)
+        deadline = time.monotonic() + 10
+        while int(r.get("chatd:{chatd}:seq") or 0) < total + 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        b.signal(signal.SIGCONT)
+    got: list[str] = []
+    missed = 0
+    while len(got) + missed < total:
+        try:
+            sender_name, text = reader.recv(15)
+        except TimeoutError:
+            raise AssertionError(f"{len(got)} got, {missed} missed; {b.find('resync')}") from None
+        if sender_name == "sender":
+            got.append(text[:5])
+        elif text.startswith("you may have missed "):
+            missed += int(text.split()[4])
+    assert missed > 0
+    assert got == sorted(got)  # in order, none twice
+    assert got[-1] == f"m{total - 1:04d}"
+    b.wait_for("resync")

@@ -45,11 +45,15 @@ from chatd.core.cluster import Sequencer
 Post = Callable[[list[tuple[Any, ...]]], None]
 
 _EMIT_FN = """
+local lines = {}
 local function emit(payload)
   local seq = redis.call('INCR', KEYS[1])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-0', 'e', payload)
-  redis.call('PUBLISH', ARGV[2], seq .. ' ' .. payload)
+  lines[#lines + 1] = seq .. ' ' .. payload
   return seq
+end
+local function publish()
+  if #lines > 0 then redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n')) end
 end
 """
 
@@ -59,6 +63,7 @@ EMIT = (
     + """
 local seq = 0
 for i = 3, #ARGV do seq = emit(ARGV[i]) end
+publish()
 return seq
 """
 )
@@ -137,6 +142,7 @@ for i = 1, #all, 2 do
     gone = gone + 1
   end
 end
+publish()
 return gone
 """
 )
@@ -424,19 +430,21 @@ class RedisLink(threading.Thread):
         sock = ps.connection._sock
         while not self._stop.is_set():
             out = []
-            while True:
-                msg = ps.get_message(timeout=0)
-                if msg is None:
-                    break
-                if msg["type"] == "message":
-                    self._arrived(seqr, msg["data"], out)
-            ops = self._drain_inbox()
-            if ops:
-                self._inflight = ops
-                out.extend(self._execute(r, ops))
-                self._inflight = []
-            if out:
-                self.post(out)
+            try:
+                while True:
+                    msg = ps.get_message(timeout=0)
+                    if msg is None:
+                        break
+                    if msg["type"] == "message":
+                        self._arrived(seqr, msg["data"], out)
+                ops = self._drain_inbox()
+                if ops:
+                    self._inflight = ops
+                    out.extend(self._execute(r, ops))
+                    self._inflight = []
+            finally:  # what arrived before a failure is the loop's all the same
+                if out:
+                    self.post(out)
             if time.monotonic() >= next_tick:
                 self._tick(r)
                 next_tick = time.monotonic() + self.lease_ms / 3000
@@ -458,16 +466,20 @@ class RedisLink(threading.Thread):
             self._reap(self.node, True, "stopped")
 
     def _arrived(self, seqr: Sequencer, data: str, out: list[tuple[Any, ...]]) -> None:
-        head, _, payload = data.partition(" ")
-        try:
-            seq, event = int(head), json.loads(payload)
-        except ValueError:
-            return  # not ours
-        ready = seqr.feed(seq, event)
+        """A pub/sub message: one line per event, "SEQ JSON" (JSON has no raw newline)."""
+        ready = []
+        for line in data.split("\n"):
+            head, _, payload = line.partition(" ")
+            try:
+                seq, event = int(head), json.loads(payload)
+            except ValueError:
+                continue  # not ours
+            ready.extend(seqr.feed(seq, event))
         gap = seqr.gap
         if gap is not None:
             found = self._range(*gap)
-            ready, missed = seqr.fill(found, gap[1])
+            filled, missed = seqr.fill(found, gap[1])
+            ready.extend(filled)
             if missed:
                 out.append(("missed", missed))
         out.extend(("ev", s, e, True) for s, e in ready)
