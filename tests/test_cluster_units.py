@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fakes import NOTICE_SENDER, Room
 
-from chatd.core.cluster import Sequencer
+from chatd.core.bans import Ban
+from chatd.core.cluster import Cluster, RemoteUser, Sequencer
 from chatd.server import config
 from chatd.server.config import ConfigError
 
@@ -104,3 +106,179 @@ def test_sequencer_gap_past_history_counts_the_missed() -> None:
     ready, missed = s.fill([(18, ev(18)), (19, ev(19))], 19)
     assert [n for n, _ in ready] == [18, 19, 20]
     assert missed == 7
+
+
+# The chat with a backplane, the shared log played by a list (no Redis).
+
+
+class FakeBackplane:
+    node = "a"
+
+    def __init__(self) -> None:
+        self.live = True
+        self.log: list[dict[str, object]] = []
+        self.claims: list[tuple[object, str]] = []
+        self.released: list[str] = []
+        self.nodes: list[dict[str, object]] = []
+
+    def emit(self, event: dict[str, object]) -> None:
+        self.log.append({**event, "node": self.node})
+
+    def claim(self, m: object, name: str) -> None:
+        self.claims.append((m, name))
+
+    def release(self, m: object, text: str | None = None) -> None:
+        self.released.append(m.name)  # type: ignore[attr-defined]
+
+    def ban(self, ban: Ban) -> None:
+        self.emit({"t": "ban", "ban": ban.to_json()})
+
+    def unban(self, ban: Ban) -> None:
+        self.emit({"t": "unban", "kind": ban.kind, "target": ban.target})
+
+    def kick(self, user: RemoteUser, reason: str, by: int) -> None:
+        self.emit({"t": "kick", "n": user.name, "on": user.node, "why": reason, "by": by})
+
+    def status(self) -> dict[str, object]:
+        return {"node": self.node, "link": "up" if self.live else "down"}
+
+
+class ClusterRoom(Room):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bp = FakeBackplane()
+        self.chat.backplane = self.bp
+        self.chat.cluster = Cluster(self.chat, "a")
+
+    def join(self, name: str, addr: str = "10.0.0.1") -> object:
+        m = self.connect(addr)
+        self.chat.name_received(m, name)
+        if self.bp.live:
+            assert self.bp.claims[-1] == (m, name)
+            assert self.chat.cluster is not None
+            self.chat.cluster.claimed(m, name, None)
+        self.deliver()
+        return m
+
+    def deliver(self) -> None:
+        """The log's events come back, in order, as they would from Redis."""
+        cluster = self.chat.cluster
+        assert cluster is not None
+        log, self.bp.log = self.bp.log, []
+        for event in log:
+            cluster.apply(event)
+        self.flush()
+
+
+def test_a_message_is_delivered_when_it_comes_back_from_the_log() -> None:
+    r = ClusterRoom()
+    alice, bob = r.join("alice"), r.join("bob")
+    alice.take(), bob.take()  # type: ignore[attr-defined]
+    r.say(alice, "hi")  # type: ignore[arg-type]
+    r.flush()
+    assert bob.take() == []  # type: ignore[attr-defined]
+    assert r.bp.log[-1]["t"] == "m"
+    r.deliver()
+    assert bob.take() == [("alice", "hi")]  # type: ignore[attr-defined]
+    assert alice.take() == []  # type: ignore[attr-defined]
+
+
+def test_other_nodes_users_in_who_welcome_and_msg() -> None:
+    r = ClusterRoom()
+    cluster = r.chat.cluster
+    assert cluster is not None
+    cluster.apply({"t": "join", "n": "carol", "node": "b", "peer": "10.0.0.9:1", "since": 1.0})
+    alice = r.join("alice")
+    assert alice.notices()[0] == "welcome, alice; online: carol"  # type: ignore[attr-defined]
+    r.say(alice, "/who")  # type: ignore[arg-type]
+    r.flush()
+    assert alice.notices()[-1] == "online (2): alice, carol"  # type: ignore[attr-defined]
+    r.say(alice, "/msg CAROL psst")  # type: ignore[arg-type]
+    assert r.bp.log[-1] == {"t": "p", "n": "alice", "to": "carol", "x": "psst", "node": "a"}
+    r.deliver()
+    assert alice.take()[-1] == ("alice -> carol (private)", "psst")  # type: ignore[attr-defined]
+    cluster.apply({"t": "leave", "n": "carol", "node": "b", "x": "carol left (server b lost)"})
+    r.flush()
+    assert alice.notices()[-1] == "carol left (server b lost)"  # type: ignore[attr-defined]
+    assert cluster.users == {}
+
+
+def test_a_claim_refused_by_the_cluster() -> None:
+    r = ClusterRoom()
+    m = r.connect()
+    r.chat.name_received(m, "alice")
+    assert r.chat.cluster is not None
+    r.chat.cluster.claimed(m, "alice", "Alice")
+    assert m.closed is not None
+    r2 = ClusterRoom()
+    m2 = r2.connect()
+    r2.chat.name_received(m2, "a1ice")
+    assert r2.chat.cluster is not None
+    r2.chat.cluster.claimed(m2, "a1ice", "alice")
+    assert b"looks like 'alice'" in (m2.closed or b"")
+
+
+def test_link_down_delivers_here_and_keeps_it_for_the_others() -> None:
+    r = ClusterRoom()
+    alice, bob = r.join("alice"), r.join("bob")
+    alice.take(), bob.take()  # type: ignore[attr-defined]
+    r.bp.live = False
+    r.say(alice, "while down")  # type: ignore[arg-type]
+    r.flush()
+    assert bob.take() == [("alice", "while down")]  # type: ignore[attr-defined]
+    # Replayed later (the backplane marks it), it is not shown here twice.
+    event = {**r.bp.log[-1], "replay": True}
+    assert r.chat.cluster is not None
+    r.chat.cluster.apply(event)
+    r.flush()
+    assert bob.take() == []  # type: ignore[attr-defined]
+    # A message delivered here when the link failed under it, found in the log after all.
+    r.chat.cluster.delivered.add("a:1")
+    r.chat.cluster.apply(
+        {"t": "m", "n": "alice", "x": "dup", "k": "message", "node": "a", "mid": "a:1"}
+    )
+    r.flush()
+    assert bob.take() == []  # type: ignore[attr-defined]
+    assert r.chat.cluster.delivered == set()
+
+
+def test_kick_and_ban_events_from_other_nodes() -> None:
+    r = ClusterRoom()
+    alice, eve = r.join("alice"), r.join("eve")
+    assert r.chat.cluster is not None
+    r.chat.cluster.apply({"t": "kick", "n": "eve", "on": "a", "why": "spam", "by": 0, "node": "b"})
+    assert eve.closed is not None and b"kicked by an admin: spam" in eve.closed  # type: ignore[attr-defined]
+    ban = Ban("name", "mallory", "", 1.0, None, 0)
+    r.chat.cluster.apply({"t": "ban", "ban": ban.to_json(), "node": "b"})
+    assert r.chat.bans.match_name("mallory", 2.0) is not None
+    r.chat.cluster.apply({"t": "unban", "kind": "name", "target": "mallory", "node": "b"})
+    assert r.chat.bans.match_name("mallory", 2.0) is None
+    assert alice is not None
+
+
+def test_a_node_claimed_anew_is_not_announced_twice() -> None:
+    r = ClusterRoom()
+    alice = r.join("alice")
+    alice.take()  # type: ignore[attr-defined]
+    assert r.chat.cluster is not None
+    carol = {"t": "join", "n": "carol", "node": "b", "peer": "", "since": 1.0}
+    r.chat.cluster.apply(carol)
+    r.chat.cluster.snapshot([])  # the link came back; Redis had lost its users
+    r.chat.cluster.apply({**carol, "again": True})
+    r.chat.cluster.apply({"t": "join", "n": "alice", "node": "a", "since": 1.0, "again": True})
+    r.flush()
+    assert alice.notices() == ["carol joined"]  # type: ignore[attr-defined]
+
+
+def test_missed_notices() -> None:
+    r = ClusterRoom()
+    alice = r.join("alice")
+    alice.take()  # type: ignore[attr-defined]
+    assert r.chat.cluster is not None
+    r.chat.cluster.missed(12)
+    r.chat.cluster.missed(None)
+    r.flush()
+    got = alice.notices()  # type: ignore[attr-defined]
+    assert got[0].startswith("you may have missed 12 messages")
+    assert got[1].startswith("the shared history was lost")
+    assert NOTICE_SENDER == "chatd"
