@@ -211,9 +211,11 @@ class Cluster:
                 room.notice(notices.JOINED(name=event["n"]), exclude=joiner)
         elif t == "leave":
             if roster and not mine:
-                held = self.users.get(event["n"].casefold())
+                key = event["n"].casefold()
+                held = self.users.get(key)
                 if held is not None and held.node == node:
-                    del self.users[event["n"].casefold()]
+                    del self.users[key]
+                self.previous.pop(key, None)  # seen leaving: back, it is news
             if not (mine and event.get("replay")):
                 room.notice(event["x"])
         elif t == "kick":

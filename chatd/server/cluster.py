@@ -132,6 +132,7 @@ class Link:
         try:
             self.thread.connect()
             self.thread.register()
+            self.state = "joining"  # Redis answers: up once the thread says so
         except Duplicate as e:
             self.thread.close_redis()
             raise ClusterStartError(f"cluster.node: {e}") from None

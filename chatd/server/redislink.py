@@ -170,6 +170,11 @@ class Keys:
         return f"{self.base}lease:{node}"
 
 
+# Events in one EMIT, whose one pub/sub message every node reads: far below Redis'
+# output buffer limit for pub/sub clients (32 MiB by default), a replay of a long
+# outage included.
+EMIT_MAX = 256
+EMIT_BYTES = 64 * 1024
 SOCKET_TIMEOUT = 2.0  # seconds a Redis command may take before the link counts as down
 BACKOFF = (0.2, 5.0)  # seconds between reconnects: from, doubling up to
 
@@ -409,9 +414,9 @@ class RedisLink(threading.Thread):
             first = self.last
             found = self._range(first + 1, now_seq)
             ready, missed = seqr.fill(found, now_seq)
-            out.extend(("ev", s, e, False) for s, e in ready)
-            if missed:
+            if missed:  # the history lost the oldest: told before what it still had
                 out.append(("missed", missed))
+            out.extend(("ev", s, e, False) for s, e in ready)
             out.append(
                 (
                     "log",
@@ -478,10 +483,13 @@ class RedisLink(threading.Thread):
         gap = seqr.gap
         if gap is not None:
             found = self._range(*gap)
+            before = len(ready)
             filled, missed = seqr.fill(found, gap[1])
-            ready.extend(filled)
-            if missed:
+            if missed:  # after what came before the gap, before what the history had
+                out.extend(("ev", s, e, True) for s, e in ready[:before])
                 out.append(("missed", missed))
+                ready = ready[before:]
+            ready.extend(filled)
         out.extend(("ev", s, e, True) for s, e in ready)
         self.last = seqr.last
 
@@ -498,8 +506,11 @@ class RedisLink(threading.Thread):
         pipe = r.pipeline(transaction=False)
         plan: list[tuple[Any, ...]] = []
         emits: list[str] = []
+        size = 0
 
         def flush_emits() -> None:
+            nonlocal size
+            size = 0
             if emits:
                 self.s_emit(
                     keys=[k.seq, k.log], args=[self.history, k.channel, *emits], client=pipe
@@ -511,6 +522,9 @@ class RedisLink(threading.Thread):
             kind = op[0]
             if kind == "emit":
                 emits.append(op[1])
+                size += len(op[1])
+                if len(emits) >= EMIT_MAX or size >= EMIT_BYTES:
+                    flush_emits()  # one pub/sub message stays small for every reader
                 continue
             flush_emits()
             if kind == "claim":
