@@ -528,7 +528,7 @@ def test_the_history_goes_on_across_sigusr2(tmp_path: Path, where: str) -> None:
         assert carol.recv_text("alice") == "after"
         bob = Client(d.port, source="127.0.0.2")
         bob.join("bob")
-        said = [(sender.split(" [")[0], text) for sender, text in bob.replayed]
+        said = [(sender.split(" [")[0], text) for sender, text in bob.replayed or []]
         assert said == [("alice", f"before {i}") for i in range(5)] + [("alice", "after")]
         rows = json.loads(chatctl_json(d, "history"))["messages"]
         assert [(r["id"], r["text"]) for r in rows] == [
