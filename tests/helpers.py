@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -408,3 +409,14 @@ class Admin:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``check`` until it returns something true, and return that; fail with
+    ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return result

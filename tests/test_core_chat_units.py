@@ -449,3 +449,42 @@ def test_the_chat_logs_to_the_chatd_logger() -> None:
         r.chat.drop(alice, "quit")
     assert len(names) >= 4
     assert set(names) == {("chatd",)}
+
+
+# A restart: connections readmitted as the chatd before had them.
+
+
+def test_a_restart_readmits_members_and_handshakes_as_they_were() -> None:
+    r = UnitRoom(handshake_timeout=7, flood={"rate": 2, "burst": 5})
+    chat, admission = r.chat, r.chat.admission
+
+    def handed(name: str, addr: str, joined: bool, bucket: tuple[float, float] | None) -> Any:
+        m = FakeMember(addr, r.host.t - 3, r.host.wall_t, port=next(r.host.ports))
+        m.name, m.state = name, JOINED if joined else m.state
+        r.host.conns.append(m)
+        chat.readmit(m, bucket)
+        return m
+
+    bob = handed("bob", "10.0.0.1", True, (3.5, r.host.t - 1))
+    ann = handed("ann", "10.0.0.1", True, (0.0, r.host.t))  # the address's bucket is bob's
+    eve = handed("", "10.0.0.2", False, (99.0, r.host.t))  # more tokens than a burst holds
+    old = handed("old", "10.0.0.3", True, None)  # flood-exempt then: no bucket
+    assert [m.name for m in chat.room] == ["bob", "ann", "old"]  # in the order handed
+    assert (admission.places, admission.handshakes) == (4, 1)
+    assert admission._places == {"10.0.0.1": 2, "10.0.0.2": 1, "10.0.0.3": 1}
+    assert admission._handshakes == {"10.0.0.2": 1}
+    assert bob.bucket is ann.bucket is not None and old.bucket is None
+    assert admission._buckets["10.0.0.1"] == (bob.bucket, 2)
+    assert (bob.bucket.tokens, bob.bucket.burst, bob.bucket.rate) == (3.5, 5, 2)
+    assert bob.bucket.stamp == r.host.t - 1  # refilled from when it was handed over
+    assert eve.bucket is not None and eve.bucket.tokens == 5  # cut to the burst
+    assert [m.address for m in (bob, ann, eve, old)] == ["10.0.0.1"] * 2 + ["10.0.0.2", "10.0.0.3"]
+    # No welcome, no join notice: they were here all along.
+    assert all(m.received == b"" for m in (bob, ann, eve, old))
+    # The one still to send its name keeps a handshake timer from when it connected.
+    assert r.host.calls == [(eve.accepted + 7, chat._handshake_expired, eve)]
+    # And they leave as any connection does: the counts go back to nothing.
+    for m in (bob, ann, eve, old):
+        chat.drop(m, "closed")
+    assert (admission.places, admission.handshakes) == (0, 0)
+    assert admission._places == admission._handshakes == admission._buckets == {}

@@ -352,6 +352,35 @@ def test_the_daemon_drops_root_once_bound_and_keeps_its_files(tmp_path: Path) ->
         shutil.rmtree(public, ignore_errors=True)
 
 
+@root_only
+def test_a_directory_shared_with_other_files_is_never_handed_to_the_user(tmp_path: Path) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="chatd-test-"))  # as /var/lib would be
+    shared.chmod(0o755)
+    (shared / "someone-elses").write_text("not chatd's\n")
+    d = Detached(shared, {"state_file": str(shared / "state.json")})
+    try:
+        r = d.start("--daemon", "--user", "nobody", "--pidfile", str(tmp_path / "chatd.pid"))
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == (
+            f"chatd: error: state_file: nobody could not write in {shared}, which holds "
+            "other files too: give chatd a directory of its own\n"
+        )
+        assert os.stat(shared).st_uid == 0  # still root's
+        own = shared / "chatd"  # a directory of its own, already there, empty: handed over
+        own.mkdir()
+        d.config["state_file"] = str(own / "state.json")
+        d.config["history"] = {"file": str(own / "history.sqlite3")}
+        d.config_path.write_text(yaml.safe_dump(d.config))
+        r = d.start("--daemon", "--user", "nobody", "--pidfile", str(tmp_path / "chatd.pid"))
+        assert (r.returncode, r.stderr) == (0, "")
+        d.pidfile = tmp_path / "chatd.pid"
+        d.pid = int(d.pidfile.read_text())
+        assert os.stat(own).st_uid == NOBODY and os.stat(shared).st_uid == 0
+    finally:
+        d.kill()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 # Restart without dropping anyone: SIGUSR2 to chatd --daemon.
 
 
@@ -528,7 +557,7 @@ def test_the_history_goes_on_across_sigusr2(tmp_path: Path, where: str) -> None:
         assert carol.recv_text("alice") == "after"
         bob = Client(d.port, source="127.0.0.2")
         bob.join("bob")
-        said = [(sender.split(" [")[0], text) for sender, text in bob.replayed]
+        said = [(sender.split(" [")[0], text) for sender, text in bob.replayed or []]
         assert said == [("alice", f"before {i}") for i in range(5)] + [("alice", "after")]
         rows = json.loads(chatctl_json(d, "history"))["messages"]
         assert [(r["id"], r["text"]) for r in rows] == [

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import structlog
-from helpers import NOTICE, ROOT, Client, Daemon, run_chatd_with
+from helpers import NOTICE, ROOT, Client, Daemon, run_chatd_with, wait_until
 from structlog.testing import capture_logs
 
 from chatd.core.admin import Later
@@ -32,17 +32,6 @@ from chatd.wire.chat import history_sender, read_history
 
 TUTORIAL = Path(__file__).with_name("tutorial_client.py")
 FAST = {"flood": {"rate": 0}}  # one talker sends many messages
-
-
-def wait_until(what: str, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # The store, in process, with a loop the test turns.

@@ -12,20 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import NOTICE, Client, Daemon
+from helpers import NOTICE, Client, Daemon, wait_until
 
 from chatd.ctl import main as ctl
 
 FAST = {"flood": {"rate": 0}}
-
-
-def wait_until(what: str, fn: Callable[[], object], timeout: float = 10.0) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := fn()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 def replay_of(c: Client) -> list[tuple[str, str]]:

@@ -81,20 +81,28 @@ class Identity:
 
     def become(self, cfg: Config) -> None:
         """Hand chatd's files to the user (so it can keep writing them), then drop root:
-        the state directory and file, the history's directory and files, the control
-        socket, the log file; no links followed."""
+        the state and history files, the directories they are in where those are
+        chatd's alone, the control socket, the log file; no links followed.  Raises
+        StartupError for a directory shared with other files that the user could not
+        write in: it is never handed over (a state file in /var/lib must not give
+        /var/lib away)."""
         if os.geteuid() != 0:
             return
-        state_dir = os.path.dirname(cfg.state_file) or "."
-        os.makedirs(state_dir, mode=0o750, exist_ok=True)
         history = cfg.history.file
-        owned = [state_dir, cfg.state_file, cfg.control.socket, cfg.log.file]
+        files = [cfg.state_file, cfg.control.socket, cfg.log.file]
         if history:
-            history_dir = os.path.dirname(history) or "."
-            if not os.path.isdir(history_dir):  # made for chatd: its own (not a /var/lib)
-                os.makedirs(history_dir, mode=0o750)
-                owned.append(history_dir)
-            owned += [history, history + "-wal", history + "-shm"]
+            files += [history + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+        owned = list(files)
+        for key, path in (("state_file", cfg.state_file), ("history.file", history)):
+            if path:
+                directory = os.path.dirname(path) or "."
+                if self._ours(directory, files):
+                    owned.append(directory)
+                elif not self._writable(directory):
+                    raise StartupError(
+                        f"{key}: {self.user} could not write in {directory}, which holds "
+                        "other files too: give chatd a directory of its own"
+                    )
         for path in owned:
             if path:
                 with contextlib.suppress(FileNotFoundError):
@@ -107,6 +115,24 @@ class Identity:
         os.setgroups([self.gid])
         os.setgid(self.gid)
         os.setuid(self.uid)
+
+    @staticmethod
+    def _ours(directory: str, files: list[str]) -> bool:
+        """Whether ``directory`` is chatd's alone (made now if missing): nothing in it
+        but chatd's files and the state's temporary ones."""
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o750)
+            return True
+        mine = {os.path.basename(f) for f in files if f and os.path.dirname(f) == directory}
+        return all(e in mine or e.startswith(".state-") for e in os.listdir(directory))
+
+    def _writable(self, directory: str) -> bool:
+        st = os.stat(directory)
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & 0o200)
+        if st.st_gid == self.gid:
+            return bool(st.st_mode & 0o020)
+        return bool(st.st_mode & 0o002)
 
 
 class PidFileError(Exception):

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from chatd.server.server import Server
 
 FORMAT = "chatd-handover"
-VERSION = 1
+VERSION = 2  # 2: connections as rows of FIELDS
 _CONN_NAME = re.compile(r"c(\d+)")
 
 
@@ -123,7 +123,7 @@ def snapshot(server: Server, names: list[str] | None = None) -> bytes:
     }
     if names is not None:
         doc["descriptors"] = names
-    return json.dumps(doc).encode()
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def descriptors(server: Server) -> list[tuple[int, str]]:
@@ -136,22 +136,43 @@ def descriptors(server: Server) -> list[tuple[int, str]]:
     return named + [(c.fd, f"c{c.serial}") for c in server.conns.values()]
 
 
-def _connection(c: Connection) -> dict[str, Any]:
-    return {
-        "serial": c.serial,
-        "name": c.name,
-        "joined": c.state is JOINED,
-        "since": c.since,
-        "accepted": c.accepted,
-        "last_active": c.last_active,
-        "messages": c.messages,
-        "dropped": c.dropped,
-        "warned_at": c.warned_at,
-        "bytes_in": c.bytes_in,
-        "bytes_out": c.bytes_out,
-        "input": base64.b64encode(c.decoder.unparsed()).decode(),
-        "output": base64.b64encode(c.pending_output()).decode(),
-    }
+# A connection in the state: a row of these, in this order (rows, not objects,
+# halve the JSON a restart of 10,000 connections writes and reads).
+FIELDS = (
+    "serial",
+    "name",
+    "joined",
+    "since",
+    "accepted",
+    "last_active",
+    "messages",
+    "dropped",
+    "warned_at",
+    "bytes_in",
+    "bytes_out",
+    "input",
+    "output",
+)
+
+
+def _connection(c: Connection) -> list[Any]:
+    """The row of FIELDS for ``c``."""
+    unparsed, pending = c.decoder.unparsed(), c.pending_output()
+    return [
+        c.serial,
+        c.name,
+        c.state is JOINED,
+        c.since,
+        c.accepted,
+        c.last_active,
+        c.messages,
+        c.dropped,
+        c.warned_at,
+        c.bytes_in,
+        c.bytes_out,
+        base64.b64encode(unparsed).decode() if unparsed else "",
+        base64.b64encode(pending).decode() if pending else "",
+    ]
 
 
 def to_memfd(data: bytes) -> int:
@@ -262,7 +283,8 @@ def adopt(server: Server, inherited: Inherited) -> int:
     many.  Those the state does not know (a chatd that crashed leaves no state) are
     told to reconnect."""
     doc = inherited.state
-    known = {c["serial"]: c for c in doc["connections"]} if doc else {}
+    rows = doc["connections"] if doc else []
+    known = {row[0]: dict(zip(FIELDS, row, strict=True)) for row in rows}
     chat = server.chat
     if doc:
         chat.stats = Stats(**doc["stats"])

@@ -153,7 +153,9 @@ def parse(line: bytes) -> Request:
 
 
 def _type_name(kind: type) -> str:
-    return {str: "string", int: "number", bool: "boolean"}.get(kind, kind.__name__)
+    return {str: "string", int: "whole number", bool: "boolean", float: "number"}.get(
+        kind, kind.__name__
+    )
 
 
 def encode(reply: dict[str, Any]) -> bytes:
