@@ -179,6 +179,25 @@ SOCKET_TIMEOUT = 2.0  # seconds a Redis command may take before the link counts 
 BACKOFF = (0.2, 5.0)  # seconds between reconnects: from, doubling up to
 
 
+def dead_predecessor(info_text: str) -> bool:
+    """Whether the live-looking node of our name was a chatd on this host that no
+    longer runs (killed: its lease has not run out yet)."""
+    try:
+        info = json.loads(info_text)
+        pid = int(info["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if info.get("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class RedisLink(threading.Thread):
     def __init__(
         self,
@@ -274,7 +293,7 @@ class RedisLink(threading.Thread):
                 "1" if self.taking_over and self._first else "0",
             ],
         )
-        if res[0] == "dup" and self._dead_predecessor(str(res[3])):
+        if res[0] == "dup" and dead_predecessor(str(res[3])):
             self.taking_over = True  # a chatd of this node on this host, killed: ours now
             return self.register()
         if res[0] == "dup":
@@ -284,24 +303,6 @@ class RedisLink(threading.Thread):
                 f"(its lease runs out within {left:.0f} s unless it is alive)"
             )
         return str(res[1])
-
-    def _dead_predecessor(self, info_text: str) -> bool:
-        """Whether the live-looking node of our name was a chatd on this host that no
-        longer runs (killed: its lease has not run out yet)."""
-        try:
-            info = json.loads(info_text)
-            pid = int(info["pid"])
-        except (ValueError, KeyError, TypeError):
-            return False
-        if info.get("host") != socket.gethostname() or pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
-        return False
 
     def close_redis(self) -> None:
         r, self.redis = self.redis, None
