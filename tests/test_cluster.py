@@ -23,6 +23,11 @@ def test_messages_go_every_way(node: Callable[..., Daemon]) -> None:
     alice.expect("bob", "hello from b")
     alice.expect_nothing()
     bob.expect_nothing()
+    # A clean stop: exit status 0, nothing on stderr, and the others see its users go.
+    assert a.stop() == 0
+    assert a.stderr == ""
+    assert bob.recv_text(NOTICE) == "alice left (shutdown)"
+    assert wait_gone(b, "alice", timeout=5) < 5
 
 
 def up(*nodes: Daemon) -> None:
@@ -519,3 +524,46 @@ def test_status_says_when_the_link_is_down(
         until(alice, NOTICE, "the link to the other servers is back")
     finally:
         notify.close()
+
+
+@pytest.mark.slow
+def test_a_restart_through_the_fd_store_keeps_the_node(
+    node: Callable[..., Daemon], redis_server: Any, tmp_path: Any
+) -> None:
+    """systemctl restart of a node: its users stay, in the cluster too, and nobody sees
+    them leave or join."""
+    import yaml
+    from helpers import Client
+    from test_restart import Manager
+
+    b = node("b")
+    up(b)
+    bob = b.client("bob")
+    (tmp_path / "m").mkdir()
+    manager = Manager(tmp_path / "m")
+    try:
+        cfg = yaml.safe_load(manager.config.read_text())
+        cfg["cluster"] = {"redis": redis_server.url, "node": "a", "lease": 2}
+        manager.config.write_text(yaml.safe_dump(cfg))
+        manager.start(with_store=False)
+        manager.wait_for("cluster_link_up")
+        alice = Client(manager.port())
+        alice.join("alice")
+        assert bob.recv_text(NOTICE) == "alice joined"
+        rc = manager.stop()
+        assert rc == 0, manager.proc.stderr.read() if manager.proc and manager.proc.stderr else ""
+        manager.start(with_store=True)
+        assert manager.wait_for("handover_taken")["users"] == 1
+        manager.wait_for("cluster_link_up")
+        alice.send("after the restart")
+        assert bob.recv_text("alice", timeout=10) == "after the restart"
+        bob.send("/who")
+        assert bob.recv_text(NOTICE) == "online (2): bob, alice"
+        bob.send("still here")
+        assert alice.recv_text("bob") == "still here"
+        time.sleep(2 * 2)  # past the old chatd's lease: nothing of it is reaped
+        bob.send("/who")
+        assert bob.recv_text(NOTICE) == "online (2): bob, alice"
+        assert not [e for e in b.find("node_lost")]
+    finally:
+        manager.close()

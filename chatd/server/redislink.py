@@ -223,7 +223,7 @@ class RedisLink(threading.Thread):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._inflight: list[tuple[Any, ...]] = []
         self.last: int | None = None  # the last sequence number handed to the loop
         self.epoch: str | None = None
@@ -249,7 +249,7 @@ class RedisLink(threading.Thread):
         self._wake()
 
     def stop(self, timeout: float = 3.0) -> None:
-        self._stop.set()
+        self._halt.set()
         self._wake()
         self.join(timeout)
 
@@ -333,7 +333,7 @@ class RedisLink(threading.Thread):
 
     def run(self) -> None:
         delay = BACKOFF[0]
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             began = time.monotonic()
             error = None
             try:
@@ -343,7 +343,7 @@ class RedisLink(threading.Thread):
             except (redis.RedisError, OSError, ValueError) as e:
                 error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             self.close_redis()
-            if self._stop.is_set():
+            if self._halt.is_set():
                 break
             unsent = self._inflight + self._drain_inbox()
             self._inflight = []
@@ -355,7 +355,7 @@ class RedisLink(threading.Thread):
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -434,7 +434,7 @@ class RedisLink(threading.Thread):
         self._tick(r)
         next_tick = time.monotonic() + self.lease_ms / 3000
         sock = ps.connection._sock
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             out = []
             try:
                 while True:
