@@ -93,25 +93,55 @@ def breakdown(stats: list[tracemalloc.StatisticDiff], members: int) -> list[dict
 
 
 def _clients(port: int, counts: list[int], go: int, done: int) -> None:
-    """The forked child: join counts[0] idle members, wait for a byte on ``go``, and so on."""
-    socks = []
+    """The forked child: join counts[0] idle members, wait for a byte on ``go``, and so
+    on; what chatd sends them is read and dropped (else they would be slow consumers)."""
+    import select
+
+    ep = select.epoll()
+    ep.register(go, select.EPOLLIN)
+    socks: dict[int, socket.socket] = {}
+
+    def drain(timeout: float) -> bool:
+        """Read what came; True if a byte arrived on ``go``."""
+        woke = False
+        for fd, _ in ep.poll(timeout):
+            if fd == go:
+                os.read(go, 1)
+                woke = True
+            else:
+                try:
+                    socks[fd].recv(1 << 16)
+                except OSError:
+                    pass
+        return woke
+
     n = 0
     try:
         for i, count in enumerate(counts):
             if i:
-                os.read(go, 1)
+                while not drain(0.05):
+                    pass
             for _ in range(count):
                 s = socket.create_connection(("127.0.0.1", port))
                 name = f"m{n:05d}".encode()
                 s.sendall(b"%-*d" % (HL, len(name)) + name)
-                socks.append(s)
+                s.setblocking(False)
+                socks[s.fileno()] = s
+                ep.register(s.fileno(), select.EPOLLIN)
                 n += 1
+                drain(0)
             os.write(done, b"x")
-        os.read(go, 1)  # the end
+        deadline = time.monotonic() + 600
+        while not drain(0.05) and time.monotonic() < deadline:  # the end
+            pass
     finally:
-        for s in socks:
+        for s in socks.values():
             s.close()
         os._exit(0)
+
+
+def _nothing(_: Any) -> None:
+    pass
 
 
 def measure(members: int, more: int) -> dict[str, Any]:
@@ -140,13 +170,17 @@ def measure(members: int, more: int) -> dict[str, Any]:
     os.set_blocking(done_r, False)
     room = server.chat.room
 
+    def step() -> None:  # a pass that waits 50 ms at most
+        server.loop.call_at(time.monotonic() + 0.05, _nothing)
+        server.step()
+
     def serve_until(count: int, limit: float = 120.0) -> None:
         deadline = time.monotonic() + limit
         while len(room) < count and time.monotonic() < deadline:
-            server.step()
+            step()
         quiet = time.monotonic() + 0.3  # the held notices go out, queues empty
         while time.monotonic() < quiet:
-            server.step()
+            step()
         if len(room) < count:
             raise RuntimeError(f"only {len(room)} of {count} members joined")
 
