@@ -11,15 +11,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
 	touch $(STAMP)
 
-# The control socket and the bans go under .run/ (created by chatd), so `make run` works
-# as root and as an ordinary user where /run/chatd and /var/lib/chatd do not exist or are
-# not writable.  It prints how to reach it with chatctl.  LISTEN=HOST:PORT (several,
+# The control socket, the bans and the history go under .run/ (created by chatd), so
+# `make run` works as root and as an ordinary user where /run/chatd and /var/lib/chatd do
+# not exist or are not writable.  It prints how to reach it with chatctl.  LISTEN=HOST:PORT (several,
 # space-separated) listens there instead of etc/chatd.yaml's 127.0.0.1:1234.
 LISTEN ?=
 run: $(STAMP)
 	@echo "make run: chatctl for this chatd: CHATD_SOCKET=$(CURDIR)/.run/admin.sock $(BIN)/chatctl list"
 	$(BIN)/chatd --config etc/chatd.yaml \
 		--control-socket .run/admin.sock --state-file .run/state.json \
+		--history-file .run/history.sqlite3 \
 		$(foreach address,$(LISTEN),--listen $(address))
 
 test: $(STAMP)

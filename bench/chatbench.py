@@ -23,11 +23,20 @@ Scenarios:
      the notice bytes the members received per join
   m  memory: what one idle member holds, by tracemalloc (bench/member_memory.py)
   e  restart: with 1,000 and 10,000 connected, the longest wait a client sees (SIGUSR2)
+  f  history on vs off: scenario a's fan-out at 100 and 1,000 receivers, rounds
+     alternating between a chatd keeping no history (keep_messages 0) and one
+     keeping it in its SQLite file (the default); the ratio of the two
+  g  join storm with replay_on_join 20: 20 messages said first, so each of the
+     2,000 newcomers (100 in flight) is replayed 20; and the same with no history
+  h  history write lag: 10 senders offer 10,000 messages/s (--lag-rate) for
+     --lag-seconds to 10 receivers; the writer's lag (p99 and max over its batches,
+     each measured at its oldest message) from `stats`, and whether it kept up
 
 The daemon runs with its default configuration (log level info, JSON message
-events with text) but for a port of 0, a max_clients of 11,000, 127.0.0.1
-exempt from flood control and the per-address limits, and max_handshakes 20,000;
-its stdout is read and discarded by a thread of this
+events with text; the history kept in a file in a temporary directory) but for
+a port of 0, a max_clients of 11,000, 127.0.0.1 exempt from flood control and
+the per-address limits, and max_handshakes 20,000; its control socket is in the
+temporary directory too; its stdout is read and discarded by a thread of this
 process, as journald would read it.
 Results: a table on stdout and a JSON file under bench/results/.
 """
@@ -94,8 +103,12 @@ class Daemon:
     root: Path = ROOT  # --chatd-root: the checkout whose chatd runs (an A/B comparison)
 
     def __init__(self, workdir: Path, cpu: int | None, extra: dict[str, Any] | None = None) -> None:
+        self.control = str(workdir / "admin.sock")
         cfg: dict[str, Any] = {
             "listen": ["127.0.0.1:0"],
+            "control": {"socket": self.control},
+            "state_file": str(workdir / "state.json"),
+            "history": {"file": str(workdir / "history.sqlite3")},
             "max_clients": 11000,
             # Every client comes from 127.0.0.1: flood control (on by default,
             # 10 messages/s) would measure the limit, not the relay.
@@ -153,6 +166,23 @@ class Daemon:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
+
+    def request(self, cmd: str) -> Any:
+        """One control request; its result."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(self.control)
+            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply = json.loads(data)
+        if not reply.get("ok"):
+            raise BenchError(f"{cmd}: {reply}")
+        return reply["result"]
 
     def profile(self, tag: str) -> None:
         """With --profile, sample the daemon with py-spy until profile_stop()."""
@@ -253,11 +283,16 @@ def saturated(cpu: dict[str, float]) -> str:
     return "neither"
 
 
+HISTORY_OFF = {"history": {"keep_messages": 0, "file": ""}}  # a chatd keeping no history
+
+
 @contextlib.contextmanager
-def session(args: argparse.Namespace) -> Iterator[tuple[Daemon, Generator]]:
+def session(
+    args: argparse.Namespace, extra: dict[str, Any] | None = None
+) -> Iterator[tuple[Daemon, Generator]]:
     """A fresh chatd and a generator connected to it; both stopped at the end."""
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(Path(tmp), args.daemon_cpu)
+        daemon = Daemon(Path(tmp), args.daemon_cpu, extra)
         gen = Generator(daemon.port)
         try:
             yield daemon, gen
@@ -484,9 +519,11 @@ class Generator:
 # Scenario a: fan-out throughput.
 
 
-def fanout(args: argparse.Namespace, receivers: int, rounds: int) -> dict[str, Any]:
+def fanout(
+    args: argparse.Namespace, receivers: int, rounds: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     senders_n, probes_n = 10, 2
-    with session(args) as (daemon, gen):
+    with session(args, extra) as (daemon, gen):
         names = [f"r{i:05d}" for i in range(receivers - probes_n)]
         gen.join_many(names, COUNT, 100, 120)
         _, probes = gen.join_many([f"p{i:05d}" for i in range(probes_n)], PROBE, 100, 30)
@@ -1000,10 +1037,21 @@ def _pairs(buf: bytearray) -> Iterator[tuple[bytes, bytes]]:
 # Scenario d: join storm.
 
 
-def join_storm(args: argparse.Namespace, in_flight: int, rounds: int) -> dict[str, Any]:
+def join_storm(
+    args: argparse.Namespace,
+    in_flight: int,
+    rounds: int,
+    extra: dict[str, Any] | None = None,
+    said: int = 0,
+) -> dict[str, Any]:
+    """``said``: messages said before the storm (so that each newcomer gets a replay)."""
     results = []
     for _ in range(rounds):
-        with session(args) as (daemon, gen):
+        with session(args, extra) as (daemon, gen):
+            if said:
+                _, (talker,) = gen.join_many(["talker"], COUNT, 1, 10)
+                talker.sock.sendall(b"".join(frame(message_text(i)) for i in range(said)))
+                wait_for_history(daemon, said)
             names = [f"j{i:05d}" for i in range(args.storm)]
             daemon.profile(f"storm_{in_flight}")
             meter = CpuMeter(daemon, [os.getpid()])
@@ -1031,7 +1079,104 @@ def join_storm(args: argparse.Namespace, in_flight: int, rounds: int) -> dict[st
                     "saturated": saturated(cpu),
                 }
             )
-    return summarize(results) | {"clients": args.storm, "in_flight": in_flight}
+    return summarize(results) | {"clients": args.storm, "in_flight": in_flight, "said": said}
+
+
+def wait_for_history(daemon: Daemon, count: int, limit: float = 30.0) -> dict[str, Any]:
+    """Wait until the history keeps ``count`` messages and none waits to be written."""
+    deadline = time.monotonic() + limit
+    while True:
+        h: dict[str, Any] = daemon.request("stats")["history"]
+        if h["messages"] >= count and not h["pending"]:
+            return h
+        if time.monotonic() > deadline:
+            raise BenchError(f"the history did not reach {count} messages: {h}")
+        time.sleep(0.05)
+
+
+# Scenario e: fan-out with the history on and off.
+
+
+def history_fanout(args: argparse.Namespace, receivers: int, rounds: int) -> dict[str, Any]:
+    """Rounds alternate between off and on, so that both meet the same machine."""
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for _ in range(rounds):
+        for mode, extra in (("off", HISTORY_OFF), ("on", None)):
+            runs[mode].append(fanout(args, receivers, 1, extra)["rounds"][0])
+    off, on = summarize(runs["off"]), summarize(runs["on"])
+    return {
+        "receivers": receivers,
+        "off": off,
+        "on": on,
+        # With the history on, the share of the deliveries/s and of the messages a
+        # CPU-second of chatd's relays, of what they are with it off.
+        "deliveries_ratio": round(on["deliveries_per_s"] / max(off["deliveries_per_s"], 1), 3),
+        "cpu_per_message_ratio": round(
+            on["chatd_cpu_us_per_message"] / max(off["chatd_cpu_us_per_message"], 1e-9), 3
+        ),
+        "rounds": runs["off"] + runs["on"],
+    }
+
+
+# Scenario g: the history's write lag at a high rate.
+
+
+def write_lag(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
+    rate, seconds, senders_n, receivers = args.lag_rate, args.lag_seconds, 10, 10
+    results = []
+    for _ in range(rounds):
+        with session(args) as (daemon, gen):
+            gen.join_many([f"r{i:05d}" for i in range(receivers)], COUNT, 100, 30)
+            _, senders = gen.join_many([f"s{i:05d}" for i in range(senders_n)], COUNT, 100, 30)
+            gen.settle()
+            tick = 0.01  # each sender sends its share every tick, in one send()
+            per_tick = rate * tick / senders_n
+            owed = 0.0
+            sent = 0
+            meter = CpuMeter(daemon, [os.getpid()])
+            start = time.monotonic()
+            next_tick = start
+            while time.monotonic() < start + seconds:
+                owed += per_tick
+                n = int(owed)
+                owed -= n
+                if n:
+                    for s in senders:
+                        data = b"".join(frame(message_text(sent + i)) for i in range(n))
+                        s.out += data
+                        with contextlib.suppress(BlockingIOError):
+                            s.out = s.out[s.sock.send(s.out) :]
+                    sent += n * senders_n
+                next_tick += tick
+                while (now := time.monotonic()) < next_tick:
+                    gen.poll(max(0.0, min(next_tick - now, tick)))
+                if gen.failed:
+                    raise BenchError(f"clients lost: {gen.failed}")
+            took = time.monotonic() - start
+            for s in senders:
+                while s.out:
+                    with contextlib.suppress(BlockingIOError):
+                        s.out = s.out[s.sock.send(s.out) :]
+                    gen.poll(0.001)
+            cpu = meter.read()
+            h = wait_for_history(daemon, min(sent, 100_000), limit=60)  # keep_messages
+            results.append(
+                {
+                    "offered_per_s": round(sent / took),
+                    "kept": h["messages"],
+                    "write_lag_p99_ms": round((h["write_lag_p99"] or 0) * 1000, 1),
+                    "write_lag_max_ms": round((h["write_lag_max"] or 0) * 1000, 1),
+                    "complete": h["complete"],
+                    **cpu,
+                    "saturated": saturated(cpu),
+                }
+            )
+    return summarize(results) | {
+        "senders": senders_n,
+        "receivers": receivers,
+        "rate": rate,
+        "complete": all(r["complete"] for r in results),
+    }
 
 
 # Scenario m: what one member holds (tracemalloc, bench/member_memory.py).
@@ -1185,11 +1330,46 @@ def table(res: dict[str, Any]) -> str:
             rows.append(("", "connect s (all steps)", f"{r['connect_s_total']}", "", ""))
             if "stopped" in r:
                 rows.append(("", "", r["stopped"][:60], "", ""))
-        elif key.startswith("storm"):
-            target = ">= 10,000" + (", none refused" if r["in_flight"] == 100 else "")
+        elif key.startswith("history_fanout"):
+            target = ">= 0.9" if r["receivers"] in (100, 1000) else ""
             rows.append(
                 (
-                    f"d join storm {r['clients']:,}, {r['in_flight']} in flight",
+                    f"f history on/off, {r['receivers']:,} receivers",
+                    "deliveries/s on / off",
+                    f"{r['on']['deliveries_per_s']:,} / {r['off']['deliveries_per_s']:,} "
+                    f"= {r['deliveries_ratio']}",
+                    target,
+                    f"on: {_cpu(r['on'])}",
+                )
+            )
+            rows.append(
+                (
+                    "",
+                    "chatd CPU per msg on / off",
+                    f"{r['on']['chatd_cpu_us_per_message']} / "
+                    f"{r['off']['chatd_cpu_us_per_message']} us",
+                    "",
+                    f"off: {_cpu(r['off'])}",
+                )
+            )
+        elif key == "write_lag":
+            rows.append(
+                (
+                    f"h history write lag, {r['rate']:,} msg/s",
+                    "p99 / max ms (offered/s)",
+                    f"{r['write_lag_p99_ms']} / {r['write_lag_max_ms']} ({r['offered_per_s']:,})",
+                    "p99 < 200" if r["rate"] >= 10000 else "",
+                    _cpu(r),
+                )
+            )
+        elif key.startswith("storm"):
+            target = ">= 10,000" + (", none refused" if r["in_flight"] == 100 else "")
+            what = "d join storm"
+            if key.startswith("storm_replay"):
+                what = "g join storm, replay 20" if r["said"] else "g join storm, no history"
+            rows.append(
+                (
+                    f"{what} {r['clients']:,}, {r['in_flight']} in flight",
                     "joins/s (refused/reset)",
                     f"{r['joins_per_s']:,} ({r['refused_or_reset_total']}), "
                     f"chatd {r['chatd_cpu_us_per_join']} us/join",
@@ -1250,7 +1430,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one round of each scenario")
     p.add_argument("--rounds", type=int, default=5, help="rounds per scenario (default 5)")
-    p.add_argument("--scenarios", default="abcdem", help="which scenarios to run (default abcdem)")
+    p.add_argument(
+        "--scenarios", default="abcdefghm", help="which scenarios to run (default abcdefghm)"
+    )
     p.add_argument("--seconds", type=float, default=2.0, help="seconds measured per round")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
     p.add_argument("--window", type=int, default=32, help="messages a sender may have in flight")
@@ -1279,6 +1461,10 @@ def main(argv: list[str] | None = None) -> int:
         help="run the chatd of another checkout (an A/B comparison; default this one)",
     )
     p.add_argument("--step", type=int, default=1000, help="clients added per step in c")
+    p.add_argument(
+        "--lag-rate", type=int, default=10000, help="messages/s offered in g (default 10000)"
+    )
+    p.add_argument("--lag-seconds", type=float, default=5.0, help="seconds offered in g")
     p.add_argument("--step-limit", type=float, default=60.0, help="seconds allowed per step")
     p.add_argument(
         "--profile",
@@ -1310,9 +1496,11 @@ def main(argv: list[str] | None = None) -> int:
             if len(cores) > 1
             else "one core: no pinning"
         ),
-        "chatd_config": "defaults (log level info, JSON, message text logged) except "
-        "listen 127.0.0.1:0, max_clients 11000, flood.exempt and address_exempt "
-        "[127.0.0.1], max_handshakes 20000; "
+        "chatd_config": "defaults (log level info, JSON, message text logged, history "
+        "kept in a file in a temporary directory) except listen 127.0.0.1:0, "
+        "max_clients 11000, flood.exempt and address_exempt [127.0.0.1], "
+        "max_handshakes 20000, control socket in the temporary directory; "
+        "history off where a scenario says so (keep_messages 0, file ''); "
         "stdout read and discarded",
         "note": "other work on this machine may share its cores: figures are medians over rounds",
         "chatd_root": str(Daemon.root),
@@ -1337,6 +1525,14 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(
                 ("e", f"restart_{n}", lambda n=n: restart_gap(args, n, 1 if args.quick else 3))
             )
+    if "f" in args.scenarios:
+        for n in args.receivers:
+            plan.append(("f", f"history_fanout_{n}", lambda n=n: history_fanout(args, n, rounds)))
+    if "g" in args.scenarios:
+        plan.append(("g", "storm_replay_20", lambda: join_storm(args, 100, rounds, said=20)))
+        plan.append(("g", "storm_replay_off", lambda: join_storm(args, 100, rounds, HISTORY_OFF)))
+    if "h" in args.scenarios:
+        plan.append(("h", "write_lag", lambda: write_lag(args, rounds)))
     failed = False
     for _letter, key, run in plan:
         print(f"== {key}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ that allocated).  The kernel's socket buffers are not Python memory: not here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -159,6 +160,10 @@ def measure(members: int, more: int) -> dict[str, Any]:
         "control": {"socket": ""},
         "state_file": str(Path(tmp) / "state.json"),
     }
+    with contextlib.suppress(ImportError):  # a chatd that keeps a history: in tmp
+        from chatd.server.config import HistoryConfig  # noqa: F401
+
+        raw["history"] = {"file": str(Path(tmp) / "history.sqlite")}
     server = Server(configmod.build(raw, "<member_memory>"))
     server.open(signals=False)
     port = server.listeners[0].sock.getsockname()[1]

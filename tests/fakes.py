@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatd.core.admin import Admin, Later, ReloadFailed, handle
 from chatd.core.bans import Bans, StateError
 from chatd.core.chat import HANDSHAKE, Chat
+from chatd.core.history import Row
 from chatd.server import config
 from chatd.wire.chat import NOTICE_SENDER
 from chatd.wire.framing import FrameDecoder
@@ -162,3 +165,81 @@ class Room:
         room = self.chat.room
         while room.pending:
             room.flush()
+
+
+ROOT = Admin(pid=1, uid=0, gid=0)
+
+
+class FakeDaemon:
+    """The server as the admin commands see it, on a Room.  Its history file is
+    ``disk``, a list of rows; what is asked of it waits in ``asked`` until `settle()`."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.room = Room(**settings)
+        self.chat = self.room.chat
+        self.reload_error: str | None = None
+        self.disk: list[Row] = []
+        self.asked: list[Callable[[], None]] = []
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        if self.reload_error:
+            raise ReloadFailed(self.reload_error)
+        return ["flood.rate"], ["listen"]
+
+    def counters(self) -> dict[str, int]:
+        return {"connections": 7, "bytes_in": 100, "bytes_out": 200}
+
+    def metrics_text(self) -> str:
+        return "# TYPE chatd_users gauge\nchatd_users 0.0\n"
+
+    def arm_handover(self) -> None:
+        raise ReloadFailed("no file descriptor store here")
+
+    def history_status(self) -> dict[str, Any]:
+        return {"file": "", "messages": len(self.disk), "complete": True}
+
+    def read_history(self, limit: int, since: float | None, user: str | None) -> Later:
+        later = Later()
+
+        def answer() -> None:
+            rows = [
+                r
+                for r in self.disk
+                if (since is None or r[1] >= since)
+                and (user is None or r[2].casefold() == user.casefold())
+            ]
+            later.resolve(rows[-limit:])
+
+        self.asked.append(answer)
+        return later
+
+    def forget_history(self, name: str, up_to: int) -> Later:
+        later = Later()
+
+        def answer() -> None:
+            gone = [r for r in self.disk if r[2].casefold() == name.casefold() and r[0] <= up_to]
+            self.disk = [r for r in self.disk if r not in gone]
+            later.resolve(len(gone))
+
+        self.asked.append(answer)
+        return later
+
+    def settle(self) -> None:
+        """The disk answers what was asked of it."""
+        asked, self.asked = self.asked, []
+        for answer in asked:
+            answer()
+
+    def ask(self, cmd: str, **args: Any) -> Any:
+        """The reply to a request (a dict, or a Later of one)."""
+        return handle(self, ROOT, json.dumps({"cmd": cmd, "args": args}).encode())
+
+    def result(self, cmd: str, **args: Any) -> Any:
+        reply = self.ask(cmd, **args)
+        assert reply["ok"] is True, reply
+        return reply["result"]
+
+    def error(self, cmd: str, **args: Any) -> tuple[str, str]:
+        reply = self.ask(cmd, **args)
+        assert reply["ok"] is False, reply
+        return reply["code"], reply["error"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal as signals
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ class Daemon:
             "log": {"format": "json"},
             "control": {"socket": str(tmp_path / "admin.sock")},
             "state_file": str(tmp_path / "state.json"),
+            "history": {"file": str(tmp_path / "history.sqlite3")},
         }
         for key, value in (settings or {}).items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -198,14 +202,36 @@ class Client:
         self.timeout = timeout
         self.buf = b""
         self.name = ""
+        self.replayed: list[tuple[str, str]] | None = None  # what join() was replayed
 
     def join(self, name: str) -> list[tuple[str, str]]:
-        """Send the name and read the welcome notice."""
+        """Send the name and read the welcome notice, and the replay of what was said
+        before if one follows (kept in ``replayed``, without its first and last notices)."""
         self.name = name
         self.send(name)
         sender, text = self.recv()
         assert sender == NOTICE and text.startswith(f"welcome, {name}"), (sender, text)
+        self._read_replay()
         return [(sender, text)]
+
+    def _read_replay(self) -> None:
+        # The daemon sends the replay with the welcome, in one piece: what of it there
+        # is has arrived with the welcome.
+        self.sock.settimeout(0.0)
+        try:
+            with contextlib.suppress(BlockingIOError):
+                while data := self.sock.recv(65536):
+                    self.buf += data
+        finally:
+            self.sock.settimeout(self.timeout)
+        begin = frame(NOTICE, self.hl)
+        if not self.buf.startswith(begin) or b" earlier message" not in self.buf[:200]:
+            return
+        _, text = self.recv()
+        assert re.fullmatch(r"\d+ earlier messages?", text), text
+        self.replayed = []
+        while (pair := self.recv()) != (NOTICE, "now"):
+            self.replayed.append(pair)
 
     def send(self, text: str | bytes) -> None:
         self.sock.sendall(frame(text, self.hl))
@@ -330,7 +356,8 @@ def run_chatd_with(
 ) -> subprocess.CompletedProcess[str]:
     """Run chatd on a config of ``settings`` until it exits (a start that must fail)."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"listen": ["127.0.0.1:0"], **settings}))
+    history = {"history": {"file": str(tmp_path / "history.sqlite3")}}
+    cfg.write_text(yaml.safe_dump({"listen": ["127.0.0.1:0"], **history, **settings}))
     return subprocess.run(
         [sys.executable, "-m", "chatd", "--config", str(cfg), *args],
         capture_output=True,
@@ -418,3 +445,14 @@ def expect_joins(client: Client, *names: str) -> None:
         assert sender == NOTICE, (sender, text)
         told += joined_names(text)
     assert told == list(names)
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``check`` until it returns something true, and return that; fail with
+    ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return result

@@ -20,17 +20,18 @@ import member_memory
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_every_scenario_runs_at_a_small_size(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--quick", "--receivers", "20", "--latency-receivers", "30", "--capacity", "120"]
     args += ["--step", "50", "--storm", "60", "--seconds", "0.5", "--warmup", "0.2"]
     args += ["--latency-rates", "50"]
+    args += ["--lag-rate", "500", "--lag-seconds", "1"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "chatbench.py"), *args, "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=580,
         cwd=ROOT,
         check=False,
     )
@@ -48,11 +49,18 @@ def test_every_scenario_runs_at_a_small_size(tmp_path: Path) -> None:
     assert "per_member_kib" in s["capacity"]
     assert s["memory"]["python_bytes_per_member"] > 0 and s["memory"]["breakdown"]
     assert "stopped" not in s["capacity"]
-    for key in ("storm_10", "storm_100"):
+    for key in ("storm_10", "storm_100", "storm_replay_20", "storm_replay_off"):
         assert s[key]["joined"] == 60 and s[key]["refused_or_reset_total"] == 0
         assert s[key]["notice_bytes_per_join"] > 0, s[key]
+    assert s["storm_replay_20"]["said"] == 20
+    on_off = s["history_fanout_20"]
+    assert on_off["on"]["accepted_per_s"] > 0 and on_off["off"]["accepted_per_s"] > 0
+    assert on_off["deliveries_ratio"] > 0
+    lag = s["write_lag"]
+    assert lag["kept"] > 0 and lag["complete"] and lag["write_lag_p99_ms"] > 0
     assert res["machine"]["python"] and res["machine"]["cores"] >= 1
     assert "deliveries/s" in proc.stdout  # the table
+    assert "history write lag" in proc.stdout
 
 
 def test_percentiles_of_latencies_in_ns_are_in_ms() -> None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pexpect
@@ -53,6 +53,25 @@ def test_json_line() -> None:
     assert doc["from"] == "alice"
     assert doc["text"] == "ünï"
     assert datetime.fromisoformat(doc["time"]).replace(tzinfo=None) == WHEN
+
+
+def test_a_replayed_message_has_the_time_it_was_said() -> None:
+    from chatd.wire.chat import history_sender
+
+    said = datetime.now().replace(microsecond=0) - timedelta(minutes=5)
+    event = classify(history_sender("alice", said.timestamp()), "from before", WHEN)
+    assert (event.kind, event.name, event.when) == ("history", "alice", said)
+    assert plain(event) == f"{said:%H:%M:%S} alice: from before"
+    doc = json.loads(render.as_json(event))
+    assert (doc["type"], doc["from"], doc["text"]) == ("history", "alice", "from before")
+    assert datetime.fromisoformat(doc["time"]) == said.astimezone()
+    older = classify(history_sender("bob", WHEN.timestamp()), "long ago")
+    assert plain(older) == "2026-01-02 03:04:05 bob: long ago"  # another day: its date
+    fragments = render.styled(older)
+    assert all("class:history" in style for style, _ in fragments)
+    assert "".join(text for _, text in fragments) == "2026-01-02 03:04:05 bob: long ago"
+    forged = classify("alice[2026-01-02 03:04:05 UTC]", "x", WHEN)
+    assert forged.kind == "message" and forged.when == WHEN
 
 
 def test_own_private_lines_wait_for_the_daemon() -> None:
@@ -781,3 +800,58 @@ def test_a_line_the_daemon_would_refuse_is_not_sent(daemon: Daemon) -> None:
     alice.expect(NOTICE, "ci joined")
     alice.expect("ci", "fine")
     alice.expect("ci", "also fine")
+
+
+def test_a_terminal_shows_the_replay_dimmed_between_two_lines(
+    daemon: Daemon, ttys: list[pexpect.spawn]
+) -> None:
+    alice = daemon.client("alice")
+    alice.send("said_before_bob_came")
+    daemon.wait_for("message", user="alice")
+    bob = spawn_tty(daemon.port, "bob")  # up to its prompt, after the replay
+    ttys.append(bob)
+    shown = bob.before
+    assert re.search(r"-- 1 earlier message.*said_before_bob_came.*-- now", shown, re.S), shown
+    line = shown[shown.index("1 earlier message") : shown.index("-- now")]
+    dim = [p for p in re.findall(r"\x1b\[([0-9;]*)m", line) if "2" in p.split(";")]
+    assert dim, repr(line)
+    assert quit_tty(bob) == 0
+
+
+def test_chat_in_a_pipe_shows_the_original_times_and_json_says_history(daemon: Daemon) -> None:
+    alice = daemon.client("alice")
+    alice.send("said first")
+    daemon.wait_for("message", user="alice")
+    said = time.time()
+    time.sleep(1.1)  # a second later, so the time shown is the original's
+    plain = subprocess.run(
+        [*CHAT, "-p", str(daemon.port), "-u", "pipe", "127.0.0.1"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert lines[1][9:] == "chatd: 1 earlier message" and lines[3][9:] == "chatd: now"
+    shown = datetime.strptime(lines[2][:8], "%H:%M:%S").time()
+    assert lines[2][8:] == " alice: said first"
+    assert abs(datetime.combine(datetime.now().date(), shown).timestamp() - int(said)) <= 1, lines[
+        2
+    ]
+    js = subprocess.run(
+        [*CHAT, "-p", str(daemon.port), "--json", "-u", "json", "127.0.0.1"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    docs = [json.loads(line) for line in js.stdout.splitlines()]
+    assert [(d["type"], d["from"], d["text"]) for d in docs[1:4]] == [
+        ("notice", "chatd", "1 earlier message"),
+        ("history", "alice", "said first"),
+        ("notice", "chatd", "now"),
+    ]
+    when = datetime.fromisoformat(docs[2]["time"])
+    assert when.tzinfo is not None and abs(when.timestamp() - said) < 1.5
+    assert abs(datetime.fromisoformat(docs[1]["time"]).timestamp() - time.time()) < 10

@@ -2,47 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
-from fakes import WALL0, Room
+from fakes import ROOT, WALL0, FakeDaemon
 
-from chatd.core.admin import Admin, ReloadFailed, handle
+from chatd.core.admin import handle
 from chatd.wire import control
-
-ROOT = Admin(pid=1, uid=0, gid=0)
-
-
-class FakeDaemon:
-    def __init__(self, **settings: Any) -> None:
-        self.room = Room(**settings)
-        self.chat = self.room.chat
-        self.reload_error: str | None = None
-
-    def reload(self) -> tuple[list[str], list[str]]:
-        if self.reload_error:
-            raise ReloadFailed(self.reload_error)
-        return ["flood.rate"], ["listen"]
-
-    def counters(self) -> dict[str, int]:
-        return {"connections": 7, "bytes_in": 100, "bytes_out": 200}
-
-    def metrics_text(self) -> str:
-        return "# TYPE chatd_users gauge\nchatd_users 0.0\n"
-
-    def ask(self, cmd: str, **args: Any) -> dict[str, Any]:
-        return handle(self, ROOT, json.dumps({"cmd": cmd, "args": args}).encode())
-
-    def result(self, cmd: str, **args: Any) -> Any:
-        reply = self.ask(cmd, **args)
-        assert reply["ok"] is True, reply
-        return reply["result"]
-
-    def error(self, cmd: str, **args: Any) -> tuple[str, str]:
-        reply = self.ask(cmd, **args)
-        assert reply["ok"] is False, reply
-        return reply["code"], reply["error"]
 
 
 def test_every_command_of_the_protocol_has_a_handler() -> None:

@@ -65,6 +65,7 @@ class Detached:
             "log": {"format": "json", "file": str(self.log_path)},
             "control": {"socket": str(tmp_path / "admin.sock")},
             "state_file": str(tmp_path / "state.json"),
+            "history": {"file": str(tmp_path / "history.sqlite3")},
             **(settings or {}),
         }
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -223,6 +224,7 @@ def test_log_file_in_the_foreground_is_reopened_on_reload(tmp_path: Path) -> Non
                 "listen": ["127.0.0.1:0"],
                 "log": {"format": "json", "file": str(log_path)},
                 "control": {"socket": ""},
+                "history": {"file": ""},
             }
         )
     )
@@ -272,6 +274,7 @@ def test_log_file_that_cannot_be_opened_is_a_startup_error(tmp_path: Path) -> No
                 "log": {"file": str(missing)},
                 "control": {"socket": ""},
                 "state_file": str(tmp_path / "state.json"),
+                "history": {"file": ""},
             }
         )
     )
@@ -317,7 +320,14 @@ def test_as_root_the_daemon_asks_whom_to_serve_as(detached: Detached) -> None:
 def test_the_daemon_drops_root_once_bound_and_keeps_its_files(tmp_path: Path) -> None:
     public = Path(tempfile.mkdtemp(prefix="chatd-test-"))  # reachable by nobody
     public.chmod(0o755)
-    d = Detached(public, {"state_file": str(public / "state" / "state.json")})
+    state = public / "state"  # made by chatd, given to nobody: the history goes there too
+    d = Detached(
+        public,
+        {
+            "state_file": str(state / "state.json"),
+            "history": {"file": str(state / "history.sqlite3")},
+        },
+    )
     try:
         r = d.start("--daemon", "--user", "nobody", "--pidfile", str(tmp_path / "chatd.pid"))
         assert (r.returncode, r.stderr) == (0, "")
@@ -332,6 +342,7 @@ def test_the_daemon_drops_root_once_bound_and_keeps_its_files(tmp_path: Path) ->
             s.sendall(b'{"cmd": "ban", "args": {"target": "eve"}}\n')
             assert b'"ok": true' in s.recv(65536)
         assert os.stat(public / "state" / "state.json").st_uid == NOBODY  # saved as nobody
+        assert os.stat(state / "history.sqlite3").st_uid == NOBODY
         os.kill(d.pid, signal.SIGHUP)
         d.wait_for("reload")  # the log file, reopened as nobody
         os.kill(d.pid, signal.SIGTERM)
@@ -339,6 +350,35 @@ def test_the_daemon_drops_root_once_bound_and_keeps_its_files(tmp_path: Path) ->
     finally:
         d.kill()
         shutil.rmtree(public, ignore_errors=True)
+
+
+@root_only
+def test_a_directory_shared_with_other_files_is_never_handed_to_the_user(tmp_path: Path) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="chatd-test-"))  # as /var/lib would be
+    shared.chmod(0o755)
+    (shared / "someone-elses").write_text("not chatd's\n")
+    d = Detached(shared, {"state_file": str(shared / "state.json")})
+    try:
+        r = d.start("--daemon", "--user", "nobody", "--pidfile", str(tmp_path / "chatd.pid"))
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == (
+            f"chatd: error: state_file: nobody could not write in {shared}, which holds "
+            "other files too: give chatd a directory of its own\n"
+        )
+        assert os.stat(shared).st_uid == 0  # still root's
+        own = shared / "chatd"  # a directory of its own, already there, empty: handed over
+        own.mkdir()
+        d.config["state_file"] = str(own / "state.json")
+        d.config["history"] = {"file": str(own / "history.sqlite3")}
+        d.config_path.write_text(yaml.safe_dump(d.config))
+        r = d.start("--daemon", "--user", "nobody", "--pidfile", str(tmp_path / "chatd.pid"))
+        assert (r.returncode, r.stderr) == (0, "")
+        d.pidfile = tmp_path / "chatd.pid"
+        d.pid = int(d.pidfile.read_text())
+        assert os.stat(own).st_uid == NOBODY and os.stat(shared).st_uid == 0
+    finally:
+        d.kill()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 # Restart without dropping anyone: SIGUSR2 to chatd --daemon.
@@ -494,3 +534,34 @@ def chatctl_json(d: Detached, cmd: str) -> str:
     )
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_the_history_goes_on_across_sigusr2(tmp_path: Path, where: str) -> None:
+    """What was said just before a restart is replayed after it, the ids go on from
+    the last one, and (with a file) the file has every message once the old chatd
+    has left: kept in memory only, the history survives the restart too."""
+    history = {"file": str(tmp_path / "history.sqlite3") if where == "file" else ""}
+    d = Detached(tmp_path, {"history": history})
+    try:
+        d.daemonize()
+        alice = Client(d.port)
+        alice.join("alice")
+        carol = Client(d.port, source="127.0.0.3")
+        carol.join("carol")
+        for i in range(5):
+            alice.send(f"before {i}")
+        assert [carol.recv_text("alice") for _ in range(5)] == [f"before {i}" for i in range(5)]
+        restart(d)  # the old chatd said them all: in its ring, perhaps not yet on disk
+        alice.send("after")
+        assert carol.recv_text("alice") == "after"
+        bob = Client(d.port, source="127.0.0.2")
+        bob.join("bob")
+        said = [(sender.split(" [")[0], text) for sender, text in bob.replayed or []]
+        assert said == [("alice", f"before {i}") for i in range(5)] + [("alice", "after")]
+        rows = json.loads(chatctl_json(d, "history"))["messages"]
+        assert [(r["id"], r["text"]) for r in rows] == [
+            (i + 1, t) for i, t in enumerate([f"before {i}" for i in range(5)] + ["after"])
+        ]
+    finally:
+        d.kill()

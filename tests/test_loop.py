@@ -215,6 +215,7 @@ class Running:
                 "log": {"format": "console"},
                 "control": {"socket": str(tmp_path / "admin.sock")},
                 "state_file": str(tmp_path / "state.json"),
+                "history": {"file": str(tmp_path / "history.sqlite3")},
                 **settings,
             },
             "<test>",

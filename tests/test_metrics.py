@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import structlog
-from helpers import NOTICE, ROOT, Bystanders, Client, Daemon, run_chatd_with
+from helpers import NOTICE, ROOT, Bystanders, Client, Daemon, run_chatd_with, wait_until
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -187,7 +187,13 @@ def test_openmetrics_when_the_scraper_asks_for_it(server: Server) -> None:
     assert body.endswith(b"# EOF\n") and b"\nchatd_users 0.0\n" in body
     rendered = server.metrics.render("")
     assert rendered is not None
-    assert rendered == (server.metrics.text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+    body, content_type = rendered
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+
+    def steady(text: str) -> list[str]:  # the process's figures move between two reads
+        return [line for line in text.splitlines() if not line.startswith("chatd_process_")]
+
+    assert steady(body.decode()) == steady(server.metrics.text())
 
 
 def test_a_provider_adds_its_figures_and_one_that_fails_costs_only_its_own(
@@ -585,6 +591,13 @@ def test_a_scrape_counts_what_the_test_did(start: Callable[..., Daemon]) -> None
         before, "chatd_loop_pass_seconds_count"
     )
     assert value(got, "chatd_start_time_seconds") == value(before, "chatd_start_time_seconds")
+    assert value(got, "chatd_history_kept") == 1 and value(got, "chatd_history_complete") == 1
+    assert value(got, "chatd_history_messages") in (0, 1, 2, 3)  # as the writer has them
+    assert value(got, "chatd_history_lost_total") == 0
+    wait_until(
+        "the three messages in the history's file",
+        lambda: value(scrape(port), "chatd_history_messages") == 3,
+    )
 
 
 def test_other_paths_and_methods_and_a_huge_request(start: Callable[..., Daemon]) -> None:
@@ -637,7 +650,12 @@ def test_chatctl_metrics_is_the_http_body(start: Callable[..., Daemon]) -> None:
     r = d.ctl("metrics")
     assert (r.returncode, r.stderr) == (0, "")
 
-    varying = ("chatd_loop_pass_seconds", "chatd_process_", "chatd_metrics_requests_total")
+    varying = (
+        "chatd_loop_pass_seconds",
+        "chatd_process_",
+        "chatd_metrics_requests_total",
+        "chatd_history_",  # the writer commits in its own time
+    )
 
     def steady(text: str) -> list[str]:
         return [line for line in text.splitlines() if not any(v in line for v in varying)]

@@ -269,7 +269,7 @@ def test_a_corrupt_state_is_refused_in_the_log_and_nobody_is_half_adopted(
     os.pwrite(state, b'{"format": "chatd-handover", "version": 99}', 0)
     manager.start(with_store=True)
     refused = manager.wait_for("handover_refused")
-    assert refused["error"] == "the state handed over: handover version 99, this chatd reads 1"
+    assert refused["error"] == "the state handed over: handover version 99, this chatd reads 2"
     assert alice.expect_closed() == [
         (NOTICE, "the server restarted without what it knew of your connection; reconnect")
     ]

@@ -33,6 +33,7 @@ SAMPLE = {
     "error": "bad frame header '1x'",
     "why": ": spam",
     "version": "0.1.0",
+    "s": "s",
 }
 
 

@@ -117,16 +117,23 @@ def test_numbers_and_booleans_are_told_apart(monkeypatch: pytest.MonkeyPatch) ->
     assert ok == control.Request("probe", {"count": 3, "all": False, "ratio": 0.5})
     assert refused(request("probe", {"count": True})) == (
         "bad_request",
-        "probe: argument 'count' must be a number",  # booleans are ints: not here
+        "probe: argument 'count' must be a whole number",  # booleans are ints: not here
     )
     assert (
-        refused(request("probe", {"count": "3"}))[1] == "probe: argument 'count' must be a number"
+        refused(request("probe", {"count": "3"}))[1]
+        == "probe: argument 'count' must be a whole number"
+    )
+    assert (  # 100.0 is a number, not the whole number asked for
+        refused(request("probe", {"count": 100.0}))[1]
+        == "probe: argument 'count' must be a whole number"
     )
     assert refused(request("probe", {"all": 1})) == (
         "bad_request",
         "probe: argument 'all' must be a boolean",
     )
-    assert refused(request("probe", {"ratio": "x"}))[1] == "probe: argument 'ratio' must be a float"
+    assert (
+        refused(request("probe", {"ratio": "x"}))[1] == "probe: argument 'ratio' must be a number"
+    )
 
 
 def test_a_missing_required_argument_is_named() -> None:

@@ -20,7 +20,8 @@ from chatd.wire import framing
 from chatd.wire.chat import DEFAULT_PORT
 
 EPILOG = """\
-commands (handled by the daemon): /who, /msg NAME TEXT, /me ACTION, /help, /quit;
+commands (handled by the daemon): /who, /msg NAME TEXT, /me ACTION, /history [N], /help,
+/quit;
 //TEXT sends the message /TEXT.
 
 exit status: 0 done, 1 the daemon did not confirm it took every message,

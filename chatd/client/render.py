@@ -1,7 +1,8 @@
 """How what arrives is shown: a line for a pipe, a JSON object, styled text for a terminal.
 
 `classify()` reads a frame pair by the chat's conventions (chatd.wire.chat): a notice, a
-private message, an action or an ordinary message.
+private message, an action, a message replayed from the history (shown with the time
+it was said, dimmed on a terminal) or an ordinary message.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from chatd.wire.chat import escape, read_sender
+from chatd.wire.chat import escape, read_history, read_sender
 
 
 @dataclass(frozen=True)
 class Event:
     """One line for the screen.
 
-    ``kind`` is message, private, action or notice (from the daemon), or
-    command (one the user typed, shown back).  ``own`` lines are the user's.
+    ``kind`` is message, private, action, history (a message said before, ``when``
+    it was said) or notice (from the daemon), or command (one the user typed, shown
+    back).  ``own`` lines are the user's.
     """
 
     kind: str
@@ -37,7 +39,19 @@ def classify(sender: str, text: str, when: datetime | None = None) -> Event:
     when = when or datetime.now()
     if kind == "sent":
         return Event("private", name, text, when, own=True, to=to)
+    if kind == "history":
+        said = read_history(sender)
+        if said is not None:
+            return Event(kind, name, text, datetime.fromtimestamp(said[1]))
     return Event(kind, name, text, when)
+
+
+def clock(event: Event) -> str:
+    """The time column: the time, with the date before it for a message said on an
+    earlier day."""
+    if event.kind == "history" and event.when.date() != datetime.now().date():
+        return event.when.strftime("%Y-%m-%d %H:%M:%S")
+    return event.when.strftime("%H:%M:%S")
 
 
 def own_event(me: str, line: str) -> Event | None:
@@ -69,7 +83,7 @@ def shown(event: Event) -> Event:
 def plain(event: Event) -> str:
     """The line printed in pipe mode: "HH:MM:SS name: text"."""
     event = shown(event)
-    t = event.when.strftime("%H:%M:%S")
+    t = clock(event)
     if event.kind == "action":
         return f"{t} * {event.name} {event.text}"
     if event.kind == "private":
@@ -108,8 +122,14 @@ def _json_escape(m: re.Match[str]) -> str:
 def styled(event: Event) -> list[tuple[str, str]]:
     """Fragments for prompt_toolkit: the text carries the distinction, color adds to it."""
     event = shown(event)
-    t = ("class:time", event.when.strftime("%H:%M:%S") + " ")
+    t = ("class:time", clock(event) + " ")
     me = " class:own" if event.own else ""
+    if event.kind == "history":  # said before: dimmed, at the time it was said
+        return [
+            ("class:history class:time", t[1]),
+            ("class:history class:name", f"{event.name}:"),
+            ("class:history", f" {event.text}"),
+        ]
     if event.kind == "notice":
         return [t, ("class:notice", f"-- {event.text}")]
     if event.kind == "action":

@@ -29,6 +29,7 @@ STYLE_RULES = {
     "action": "ansiyellow italic",
     "notice": "ansicyan",
     "command": "#888888 italic",
+    "history": "dim",
     "status": "ansired bold",
     "prompt": "bold",
     "prompt.offline": "ansired",

@@ -1,11 +1,16 @@
-"""The admin commands (list, kick, ban, unban, bans, say, stats, metrics, reload),
-without I/O.
+"""The admin commands (list, kick, ban, unban, bans, say, stats, metrics, reload,
+history, forget), without I/O.
 
 `handle()` answers one control request line with its reply object, never an
 exception: the request is checked by the control protocol (chatd.wire.control), then
 carried out against the small `Daemon` interface that the server implements.  Who may
 ask is the control socket's business; each command is given the asker's credentials
 for its log event.
+
+A command that needs the disk (a deep `history`, a `forget`) cannot answer at once:
+its handler returns a `Later`, which the server settles on its loop once a worker
+has the result, and `handle()` returns a Later of the reply.  The control
+connection answers nothing after it until it is settled, so replies stay in order.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import structlog
 from chatd.core.addresses import IPNetwork, parse_network
 from chatd.core.bans import Ban, StateError
 from chatd.core.chat import Chat
+from chatd.core.history import History, Row
 from chatd.core.names import name_problem
 from chatd.wire import control
 from chatd.wire.chat import text_problem
@@ -44,6 +50,61 @@ class ReloadFailed(Exception):
     """The config could not be reloaded; the old one stays.  str() says why."""
 
 
+Outcome = tuple[bool, Any]  # (True, result) or (False, RequestError)
+
+
+class Later:
+    """A result that comes later, settled once on the server's loop: `resolve()` with
+    the result or `fail()` with a RequestError."""
+
+    __slots__ = ("_waiting", "outcome")
+
+    def __init__(self) -> None:
+        self.outcome: Outcome | None = None
+        self._waiting: list[Callable[[Outcome], None]] = []
+
+    def resolve(self, result: Any) -> None:
+        self._settle((True, result))
+
+    def fail(self, error: RequestError) -> None:
+        self._settle((False, error))
+
+    def _settle(self, outcome: Outcome) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        waiting, self._waiting = self._waiting, []
+        for fn in waiting:
+            fn(outcome)
+
+    def on_done(self, fn: Callable[[Outcome], None]) -> None:
+        """Call ``fn(outcome)`` once settled (at once if it is)."""
+        if self.outcome is not None:
+            fn(self.outcome)
+        else:
+            self._waiting.append(fn)
+
+    def then(self, fn: Callable[[Any], Any]) -> Later:
+        """A Later of ``fn(result)``; a failure, or a RequestError from ``fn``, passes on."""
+        after = Later()
+
+        def run(outcome: Outcome) -> None:
+            ok, value = outcome
+            if not ok:
+                after.fail(value)
+                return
+            try:
+                after.resolve(fn(value))
+            except RequestError as e:
+                after.fail(e)
+            except Exception:
+                _log().exception("control_internal_error", request="(a later reply)")
+                after.fail(RequestError(control.INTERNAL, "internal error (see the chatd log)"))
+
+        self.on_done(run)
+        return after
+
+
 class Daemon(Protocol):
     """What the admin commands need of the server."""
 
@@ -63,6 +124,17 @@ class Daemon(Protocol):
     def metrics_text(self) -> str:
         """The metrics in the Prometheus text format, as metrics.listen serves them."""
 
+    def history_status(self) -> dict[str, Any]:
+        """The history's size, oldest message, write lag and completeness, for stats."""
+
+    def read_history(self, limit: int, since: float | None, user: str | None) -> Later:
+        """A Later of the rows the disk has: the last ``limit`` said at ``since`` or
+        later, by ``user`` (any case), oldest first."""
+
+    def forget_history(self, name: str, up_to: int) -> Later:
+        """A Later of how many messages of ``name`` (any case), up to id ``up_to``, went
+        from the disk."""
+
 
 Handler = Callable[[Daemon, Admin, dict[str, Any]], Any]
 HANDLERS: dict[str, Handler] = {}
@@ -77,12 +149,16 @@ def command(cmd: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def handle(daemon: Daemon, admin: Admin, line: bytes) -> dict[str, Any]:
-    """Answer one request line: the reply object, never an exception."""
+def handle(daemon: Daemon, admin: Admin, line: bytes) -> dict[str, Any] | Later:
+    """Answer one request line: the reply object (or a Later of it), never an exception."""
     reply: dict[str, Any]
+    rid = control.request_id(line)
     try:
         request = control.parse(line)
-        reply = {"ok": True, "result": HANDLERS[request.cmd](daemon, admin, request.args)}
+        result = HANDLERS[request.cmd](daemon, admin, request.args)
+        if isinstance(result, Later):
+            return _later_reply(result, rid)
+        reply = {"ok": True, "result": result}
     except RequestError as e:
         reply = control.error_reply(e.code, str(e))
     except Exception:
@@ -90,10 +166,23 @@ def handle(daemon: Daemon, admin: Admin, line: bytes) -> dict[str, Any]:
             "control_internal_error", request=line[:200].decode(errors="replace")
         )
         reply = control.error_reply(control.INTERNAL, "internal error (see the chatd log)")
-    rid = control.request_id(line)
     if rid is not None:
         reply["id"] = rid
     return reply
+
+
+def _later_reply(result: Later, rid: Any) -> Later:
+    replied = Later()
+
+    def settle(outcome: Outcome) -> None:
+        ok, value = outcome
+        reply = {"ok": True, "result": value} if ok else control.error_reply(value.code, str(value))
+        if rid is not None:
+            reply["id"] = rid
+        replied.resolve(reply)
+
+    result.on_done(settle)
+    return replied
 
 
 def _log() -> Any:
@@ -178,6 +267,7 @@ def cmd_stats(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
         "flood_dropped": st.flood_dropped,
         "kicks": st.kicks,
         "bans": len(chat.bans.active(chat.host.wall())),
+        "history": daemon.history_status(),
     }
 
 
@@ -246,7 +336,8 @@ def _target(cmd: str, args: dict[str, Any], max_name_bytes: int) -> tuple[str, s
         return kind, str(net)
     if kind != "name":
         raise RequestError(BAD_REQUEST, f"{cmd}: kind must be name or address, got {kind!r}")
-    problem = name_problem(target, max(max_name_bytes, 1024))
+    # An old name ban may end in ']' (refused since replayed messages came): it can go.
+    problem = name_problem(target, max(max_name_bytes, 1024), since_history=cmd == "ban")
     if problem:
         raise RequestError(BAD_REQUEST, f"{cmd}: not a user name: {problem}")
     return kind, target
@@ -341,3 +432,53 @@ def cmd_bans(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
     chat = daemon.chat
     now = chat.host.wall()
     return {"bans": [ban_json(b, now) for b in chat.bans.active(now)]}
+
+
+# The history.
+
+
+def row_json(row: Row) -> dict[str, Any]:
+    return {"id": row[0], "time": iso(row[1]), "name": row[2], "text": row[3]}
+
+
+@command("history")
+def cmd_history(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    limit = args.get("limit", control.HISTORY_LIMIT)
+    if not 1 <= limit <= control.HISTORY_LIMIT_MAX:
+        raise RequestError(
+            BAD_REQUEST, f"history: limit must be 1 to {control.HISTORY_LIMIT_MAX}, got {limit}"
+        )
+    since = None
+    if "since" in args:
+        try:
+            since = control.parse_iso(args["since"])
+        except ValueError as e:
+            raise RequestError(BAD_REQUEST, f"history: since: {e}") from None
+    user = args.get("user")
+    chat = daemon.chat
+    if not chat.history.keeping:
+        return {"messages": []}
+    rows, whole = chat.history.query(limit, since, user, chat.host.wall())
+    if whole:
+        return {"messages": [row_json(r) for r in rows]}
+    return daemon.read_history(limit, since, user).then(
+        lambda disk: {"messages": [row_json(r) for r in History.merge(disk, rows, limit)]}
+    )
+
+
+@command("forget")
+def cmd_forget(daemon: Daemon, admin: Admin, args: dict[str, Any]) -> Any:
+    name = args["name"].strip()
+    if not name:
+        raise RequestError(BAD_REQUEST, "forget: name is empty")
+    history = daemon.chat.history
+    in_memory = history.forget(name)
+
+    def done(on_disk: int) -> Any:
+        gone = max(in_memory, on_disk)
+        _log().info("forget", user=name, messages=gone, admin_uid=admin.uid, admin_pid=admin.pid)
+        return {"forgotten": name, "messages": gone}
+
+    if not history.persistent:
+        return done(0)
+    return daemon.forget_history(name, history.seq).then(done)

@@ -169,7 +169,7 @@ def _checked(ban: Ban) -> Ban:
             raise ValueError(f"bad network {ban.target!r}")
         ban = replace(ban, target=str(net))  # ::ffff:10.0.0.1 is 10.0.0.1/32
     else:
-        problem = name_problem(ban.target, MAX_NAME_BYTES)
+        problem = name_problem(ban.target, MAX_NAME_BYTES, since_history=False)
         if problem:
             raise ValueError(f"bad name {ban.target!r}: {problem}")
     if not isinstance(ban.reason, str) or not isinstance(ban.by, int) or isinstance(ban.by, bool):

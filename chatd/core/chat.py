@@ -19,6 +19,7 @@ from chatd.core import commands
 from chatd.core.addresses import IPNetwork, in_networks
 from chatd.core.admission import Admission
 from chatd.core.bans import Bans
+from chatd.core.history import History, HistorySettings
 from chatd.core.moderation import Moderation
 from chatd.core.names import list_bytes, name_problem, script_problem
 from chatd.core.room import Room
@@ -104,6 +105,8 @@ class Settings(Protocol):
     def flood(self) -> FloodSettings: ...
     @property
     def log(self) -> LogSettings: ...
+    @property
+    def history(self) -> HistorySettings: ...
 
 
 class Host(Protocol):
@@ -148,6 +151,7 @@ class Chat:
         self.room: Room[Member] = Room(settings.header_length)
         self.bans = Bans()
         self.moderation = Moderation(self)
+        self.history = History(settings.history, settings.header_length)  # what was said
         self.stats = Stats()
         self.stopping = False
         self.admission = Admission(settings)
@@ -231,6 +235,9 @@ class Chat:
         before = len(f"welcome, {name}; online: ".encode())
         online = room.online_line(m, list_bytes(cfg.header_length, before))
         room.send_to(m, NOTICE_SENDER, notices.WELCOME(name=name, online=online))
+        replay = cfg.history.replay_on_join
+        if replay and self.history.keeping:
+            room.send_frames(m, self.history.replay(replay, self.host.wall()))
         room.notice(notices.JOINED(name=name), exclude=m, run=(notices.JOINED_MANY, "", name))
 
     def bad_name_frame(self, m: Member, problem: str) -> None:
@@ -285,6 +292,9 @@ class Chat:
             return
         room.post(m, text, as_name=action_sender(m.name) if kind == "action" else None)
         if kind == "message":
+            history = self.history
+            if history.keeping:  # the room's history: ordinary messages alone
+                history.add(m.name, text, self.host.wall())
             self.accepted(m, text)
         else:
             self.accepted(m, text, kind=kind)
@@ -450,6 +460,7 @@ class Chat:
         old = self.settings
         self.settings = settings
         self.admission.reconfigure(settings)
+        self.history.configure(settings.history)
         flood = settings.flood
         for m in self.host.members():
             if m.state is GONE:

@@ -1,4 +1,4 @@
-"""Carrying out the in-band commands (/who, /msg, /me, //text, /quit, /help).
+"""Carrying out the in-band commands (/who, /msg, /me, /history, //text, /quit, /help).
 
 The grammar is wire's (`chatd.wire.chat.parse`); this is what each command does in the
 room.  Nobody but the sender ever sees a command: the answers are notices to it
@@ -43,6 +43,14 @@ def run(hub: Chat, m: Member, text: str) -> None:
     elif isinstance(command, chat.Who):
         line = who_line(room.names(), list_bytes(room.header_length))
         room.send_to(m, NOTICE_SENDER, line)
+    elif isinstance(command, chat.History):
+        history = hub.history
+        replay = history.replay(command.count, hub.host.wall()) if history.keeping else b""
+        if replay:
+            room.send_frames(m, replay)
+        else:
+            none = notices.HISTORY_NONE if history.keeping else notices.HISTORY_OFF
+            room.send_to(m, NOTICE_SENDER, none())
     elif isinstance(command, chat.Quit):
         hub.drop(m, "quit")
     else:

@@ -12,7 +12,10 @@ or something else:
 - it is not written in a mix of scripts that UTS #39 does not call safe (Latin with
   Cyrillic or Greek, say); Latin with Han and the Japanese or Korean scripts is safe;
 - it does not look like the daemon's own sender ``chatd`` or like the marker forms
-  of private messages and actions (``x (private)``, ``* x``);
+  of private messages, actions and replayed messages (``x (private)``, ``* x``,
+  ``x [2026-11-25 14:03:07 UTC]``): it may not end in ``(private)`` or ``]``, nor
+  start with ``*``, so that even a simple client, which prints the sender as it
+  comes, shows no live message that looks like one of those;
 - it is unique in the room by its confusable skeleton (UTS #39), not only without
   regard to case: ``\u0430lice``, with a Cyrillic a, is refused while ``alice`` is
   online.
@@ -72,9 +75,13 @@ def _describe(ch: str) -> str:
     return f"U+{ord(ch):04X} {unicodedata.name(ch, 'UNNAMED')}"
 
 
-def name_problem(name: str, max_bytes: int) -> str | None:
+def name_problem(name: str, max_bytes: int, *, since_history: bool = True) -> str | None:
     """Why ``name`` can't be a user name, or None if it can (uniqueness and the mix
-    of scripts aside: a name that looks like one online is told so first)."""
+    of scripts aside: a name that looks like one online is told so first).
+
+    ``since_history=False`` lets pass a name that only ends in ']', refused since
+    replayed messages came (their sender ends so): a name ban on one, saved
+    before, still loads and can be lifted."""
     if not name:
         return "the name is empty"
     size = len(name.encode())
@@ -101,6 +108,8 @@ def name_problem(name: str, max_bytes: int) -> str | None:
         return "the name may not end like the sender of a private message, '(private)'"
     if any(k.startswith(mark) for k in keys for mark in _ACTION_MARKS):
         return "the name may not start like the sender of an action, '*'"
+    if since_history and any(k.endswith(mark) for k in keys for mark in _HISTORY_MARKS):
+        return "the name may not end like the sender of a replayed message, ']'"
     return None
 
 
@@ -203,6 +212,7 @@ def name_keys(name: str) -> frozenset[str]:
 _RESERVED = name_keys(chat.NOTICE_SENDER)
 _PRIVATE_MARKS = name_keys(chat.PRIVATE_SUFFIX.strip())
 _ACTION_MARKS = name_keys(chat.ACTION_PREFIX.strip())
+_HISTORY_MARKS = name_keys(chat.HISTORY_END)
 
 
 # Lists of names.

@@ -215,6 +215,11 @@ class Room(Generic[M]):
         """Queue a frame pair for one member, in order with the broadcasts."""
         self._batch.append((self.frame(sender, text), None, member, None))
 
+    def send_frames(self, member: M, data: bytes) -> None:
+        """Queue frame pairs already encoded (a replay) for one member, as send_to()."""
+        if data:
+            self._batch.append((data, None, member, None))
+
     def flush(self) -> None:
         """Deliver everything posted since the last flush, once per member."""
         batch = self._batch

@@ -28,9 +28,13 @@ import yaml
 
 from chatd import __version__
 from chatd.server.config import DEFAULT_PATH, ConfigError
+from chatd.wire.chat import escape
 from chatd.wire.control import (
     DEFAULT_GROUP,
     DEFAULT_SOCKET,
+    HISTORY_LIMIT,
+    HISTORY_LIMIT_MAX,
+    ISO_FORMAT,
     PERMISSION_DENIED,
     format_duration,
     parse_duration,
@@ -143,6 +147,24 @@ def parser() -> argparse.ArgumentParser:
         "then tells everyone goodbye)",
     )
     c.add_argument("unit", metavar="UNIT", help="the unit systemd is stopping (%%n)")
+    c = cmd("history", "print what was said in the room, oldest first")
+    c.add_argument(
+        "-n",
+        "--limit",
+        type=history_limit,
+        metavar="N",
+        help=f"the last N messages (default {HISTORY_LIMIT}, at most {HISTORY_LIMIT_MAX})",
+    )
+    c.add_argument(
+        "--since",
+        type=since,
+        metavar="TIME",
+        help="only messages said at TIME or later: 2026-11-25 14:00, 14:00 (today), "
+        "2026-11-25, or a while ago such as 2h or 1d (local time, or with Z for UTC)",
+    )
+    c.add_argument("-u", "--user", metavar="NAME", help="only messages NAME said (any case)")
+    c = cmd("forget", "delete what a user said from the history (memory and file)")
+    c.add_argument("name", help="the user's name (any case)")
     return p
 
 
@@ -156,6 +178,45 @@ def positive_seconds(text: str) -> float:
             f"expected seconds, more than 0 and less than 86400, got {text!r}"
         )
     return value
+
+
+def history_limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= HISTORY_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of messages from 1 to {HISTORY_LIMIT_MAX}, got {text!r}"
+        )
+    return int(text)
+
+
+_SINCE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M")
+
+
+def since(text: str, now: float | None = None) -> str:
+    """A --since TIME as the protocol's ISO 8601 in UTC: a local date and time (or a
+    time of today, or a date), the same with Z for UTC, or a while ago ("2h")."""
+    now = time.time() if now is None else now
+    value = text.strip()
+    try:
+        return time.strftime(ISO_FORMAT, time.gmtime(now - parse_duration(value)))
+    except ValueError:
+        pass
+    utc = value.endswith("Z")
+    body = value.removesuffix("Z")
+    if len(body) <= 8 and ":" in body:  # a time of today
+        body = time.strftime("%Y-%m-%d ", (time.gmtime if utc else time.localtime)(now)) + body
+    elif len(body) == 10:  # a date: from its beginning
+        body += " 00:00"
+    for fmt in _SINCE_FORMATS:
+        try:
+            parsed = time.strptime(body, fmt)
+        except ValueError:
+            continue
+        t = calendar.timegm(parsed) if utc else time.mktime(parsed)
+        return time.strftime(ISO_FORMAT, time.gmtime(t))
+    raise argparse.ArgumentTypeError(
+        "expected a time such as '2026-11-25 14:00', '14:00', '2026-11-25' or a while ago "
+        f"such as 2h or 3d, got {text!r}"
+    )
 
 
 def duration(text: str) -> str:
@@ -415,9 +476,47 @@ def show_stats(result: Any) -> str:
         ("dropped for flooding", result["flood_dropped"]),
         ("kicks", result["kicks"]),
         ("bans", result["bans"]),
+        *_history_rows(result["history"]),
     ]
     width = max(len(k) for k, _ in rows) + 1
     return "\n".join(f"{k + ':':<{width}} {v}" for k, v in rows)
+
+
+def _history_rows(h: Any) -> list[tuple[str, Any]]:
+    if not h["kept"]:
+        return [("history", "off (history.keep_messages is 0)")]
+    n = h["messages"]
+    where = h["file"] or "memory only"
+    since_ = f" since {local_time(h['oldest'])}" if h["oldest"] else ""
+    rows: list[tuple[str, Any]] = [("history", f"{n} message{'s' if n != 1 else ''}{since_}")]
+    rows.append(("history file", where))
+    if h["file"]:
+        lag = f"{h['write_lag']:g} s now"
+        if h["write_lag_p99"] is not None:
+            lag += f", p99 {h['write_lag_p99']:g} s, max {h['write_lag_max']:g} s"
+        rows.append(("history write lag", f"{lag}; {h['pending']} waiting"))
+    if h["complete"]:
+        state = "complete"
+    else:
+        state = "INCOMPLETE: writes to the file fail, messages are held in memory (see the log)"
+    if h["lost"]:
+        state += f"; {h['lost']} messages could not be kept"
+    rows.append(("history state", state))
+    return rows
+
+
+def show_history(result: Any) -> str:
+    messages = result["messages"]
+    if not messages:
+        return "no messages"
+    return "\n".join(
+        f"{local_time(m['time'])} {shown(m['name'])}: {escape(m['text'])}" for m in messages
+    )
+
+
+def show_forget(result: Any) -> str:
+    n = result["messages"]
+    return f"forgot {n} message{'s' if n != 1 else ''} of {shown(result['forgotten'])}"
 
 
 def show_reload(result: Any) -> str:
@@ -443,6 +542,8 @@ SHOW: dict[str, Callable[[Any], str]] = {
     "metrics": lambda result: str(result["text"]).removesuffix("\n"),  # as it is, for a file
     "reload": show_reload,
     "handover": lambda result: "chatd hands every connection over at its next SIGTERM",
+    "history": show_history,
+    "forget": show_forget,
 }
 
 
@@ -461,6 +562,11 @@ def arguments(args: argparse.Namespace) -> dict[str, Any]:
         return {"target": args.target, **({"kind": args.kind} if args.kind else {})}
     if cmd == "say":
         return {"text": " ".join(args.text)}
+    if cmd == "history":
+        given = {"limit": args.limit, "since": args.since, "user": args.user}
+        return {key: value for key, value in given.items() if value is not None}
+    if cmd == "forget":
+        return {"name": args.name}
     return {}
 
 

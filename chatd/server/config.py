@@ -346,6 +346,32 @@ class MetricsConfig:
     )
 
 
+@dataclass(frozen=True)
+class HistoryConfig:
+    replay_on_join: int = setting(
+        20,
+        integer(0, 100),
+        "messages a newcomer is sent, after the welcome, of what was said before (0: none)",
+    )
+    file: str = setting(
+        "/var/lib/chatd/history.sqlite3",
+        absolute_path_or_empty,
+        'the SQLite database that keeps the history across restarts ("" for memory only: '
+        "the last 1000 messages, forgotten at exit); its directory is created if missing",
+        reload=False,
+    )
+    keep_messages: int = setting(
+        100_000,
+        integer(0, 100_000_000),
+        "messages kept at most, the oldest deleted first (0: no history at all)",
+    )
+    keep_days: float = setting(
+        30,
+        number(0, 36500, what="days (0 for no limit)"),
+        "days a message is kept (0: no age limit)",
+    )
+
+
 MiB = 1024 * 1024
 
 
@@ -410,6 +436,7 @@ class Config:
     control: ControlConfig = section(ControlConfig, "the admin control socket")  # noqa: RUF009
     daemon: DaemonConfig = section(DaemonConfig, "chatd --daemon")  # noqa: RUF009
     metrics: MetricsConfig = section(MetricsConfig, "the metrics for Prometheus")  # noqa: RUF009
+    history: HistoryConfig = section(HistoryConfig, "what was said, kept")  # noqa: RUF009
     state_file: str = setting(
         "/var/lib/chatd/state.json",
         file_path,

@@ -27,7 +27,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from chatd.core.admin import Admin, handle
+from chatd.core.admin import Admin, Later, Outcome, handle
 from chatd.server.errors import StartupError
 from chatd.server.loop import READ
 from chatd.server.outbox import OPEN, Outbox
@@ -344,7 +344,8 @@ class AdminConn(Outbox):
     """One control connection.
 
     Requests are answered in order, at most LINES_PER_PASS per pass of the loop;
-    while HIGH_WATER bytes of replies wait unsent, no more requests are read.  When
+    while HIGH_WATER bytes of replies wait unsent, or a reply waits for a worker (a
+    `Later`: a read of the history file), no more requests are read or answered.  When
     the peer has sent all it will and everything is answered, the connection closes
     as every Outbox does: replies, FIN, then the peer's end of stream.
     """
@@ -353,6 +354,7 @@ class AdminConn(Outbox):
         "_continuing",
         "_out_seen",
         "_refused",
+        "_waiting",
         "admin",
         "control",
         "eof",
@@ -370,6 +372,7 @@ class AdminConn(Outbox):
         self._out_seen = 0  # bytes_out at the last idle check
         self._continuing = False  # an answer of the requests that waited is scheduled
         self._refused = False  # refuse() was called: it counts in control.refusing
+        self._waiting = False  # a reply is a Later not yet settled: the rest waits
         control.conns.add(self)
         self.update_interest()
         self.loop.call_at(self.last_progress + IDLE_TIMEOUT, self._check_idle)
@@ -380,7 +383,7 @@ class AdminConn(Outbox):
     # Outbox.
 
     def _reading(self) -> bool:
-        return not self.eof and self.queued < HIGH_WATER
+        return not self.eof and self.queued < HIGH_WATER and not self._waiting
 
     def _closed(self) -> None:
         if self._refused:
@@ -424,7 +427,7 @@ class AdminConn(Outbox):
 
     def _answer(self, _: Any = None) -> None:
         self._continuing = False
-        if self.link is not OPEN:
+        if self.link is not OPEN or self._waiting:
             return
         answered = 0
         inbuf = self.inbuf
@@ -438,7 +441,17 @@ class AdminConn(Outbox):
             del inbuf[: nl + 1]
             if line.strip():
                 answered += 1
-                self.deliver(control.encode(handle(self.control.server, self.admin, line)))
+                reply = handle(self.control.server, self.admin, line)
+                if isinstance(reply, Later):
+                    self._waiting = True
+                    reply.on_done(self._answered)
+                    if self._waiting:
+                        self.update_interest()
+                        return  # the next requests wait for this one's reply
+                    if self.link is not OPEN:
+                        return
+                    continue
+                self.deliver(control.encode(reply))
                 if self.link is not OPEN:
                     return
         if inbuf.find(b"\n", 0, control.MAX_REQUEST + 1) < 0 and len(inbuf) > control.MAX_REQUEST:
@@ -451,6 +464,17 @@ class AdminConn(Outbox):
             self.close_after(None)  # everything asked is answered
             return
         self.update_interest()
+
+    def _answered(self, outcome: Outcome) -> None:
+        """A Later reply is settled: send it, then answer what waited behind it."""
+        self._waiting = False
+        if self.link is not OPEN:
+            return
+        self.last_progress = time.monotonic()
+        self.deliver(control.encode(outcome[1]))
+        if self.link is OPEN:
+            self.update_interest()
+            self.loop.call_soon(self._answer)
 
     def _continue(self) -> None:
         if not self._continuing and b"\n" in self.inbuf:

@@ -81,12 +81,29 @@ class Identity:
 
     def become(self, cfg: Config) -> None:
         """Hand chatd's files to the user (so it can keep writing them), then drop root:
-        the state directory and file, the control socket, the log file; no links followed."""
+        the state and history files, the directories they are in where those are
+        chatd's alone, the control socket, the log file; no links followed.  Raises
+        StartupError for a directory shared with other files that the user could not
+        write in: it is never handed over (a state file in /var/lib must not give
+        /var/lib away)."""
         if os.geteuid() != 0:
             return
-        state_dir = os.path.dirname(cfg.state_file) or "."
-        os.makedirs(state_dir, mode=0o750, exist_ok=True)
-        for path in (state_dir, cfg.state_file, cfg.control.socket, cfg.log.file):
+        history = cfg.history.file
+        files = [cfg.state_file, cfg.control.socket, cfg.log.file]
+        if history:
+            files += [history + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+        owned = list(files)
+        for key, path in (("state_file", cfg.state_file), ("history.file", history)):
+            if path:
+                directory = os.path.dirname(path) or "."
+                if self._ours(directory, files):
+                    owned.append(directory)
+                elif not self._writable(directory):
+                    raise StartupError(
+                        f"{key}: {self.user} could not write in {directory}, which holds "
+                        "other files too: give chatd a directory of its own"
+                    )
+        for path in owned:
             if path:
                 with contextlib.suppress(FileNotFoundError):
                     os.chown(
@@ -98,6 +115,24 @@ class Identity:
         os.setgroups([self.gid])
         os.setgid(self.gid)
         os.setuid(self.uid)
+
+    @staticmethod
+    def _ours(directory: str, files: list[str]) -> bool:
+        """Whether ``directory`` is chatd's alone (made now if missing): nothing in it
+        but chatd's files and the state's temporary ones."""
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o750)
+            return True
+        mine = {os.path.basename(f) for f in files if f and os.path.dirname(f) == directory}
+        return all(e in mine or e.startswith(".state-") for e in os.listdir(directory))
+
+    def _writable(self, directory: str) -> bool:
+        st = os.stat(directory)
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & 0o200)
+        if st.st_gid == self.gid:
+            return bool(st.st_mode & 0o020)
+        return bool(st.st_mode & 0o002)
 
 
 class PidFileError(Exception):
@@ -345,13 +380,16 @@ def _serve(
         ready.error(str(e))
         return 1
     try:
-        try:
-            server.open(sockets)
+
+        def become() -> None:  # before the history file is opened: it must be that user's
             if identity is not None:
                 identity.become(cfg)
                 server.log.info(
                     "serving_as", user=identity.user, uid=identity.uid, gid=identity.gid
                 )
+
+        try:
+            server.open(sockets, become=become)
         except (StartupError, OSError) as e:
             ready.error(str(e) if isinstance(e, StartupError) else f"cannot drop root: {e}")
             return 1

@@ -79,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="keep bans in PATH (overrides state_file)",
     )
+    p.add_argument(
+        "--history-file",
+        metavar="PATH",
+        help='keep the history in the SQLite database PATH ("" for memory only; '
+        "overrides history.file)",
+    )
     p.add_argument("--version", action="version", version=f"chatd {__version__}")
     return p
 
@@ -97,6 +103,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = {"control.socket": args.control_socket, "state_file": args.state_file}
     paths = {key: os.path.abspath(value) for key, value in given.items() if value}
     named = {"daemon.user": args.user, "daemon.group": args.group}
+    if args.history_file is not None:
+        paths["history.file"] = args.history_file and os.path.abspath(args.history_file)
     return {
         **paths,
         **({"listen": args.listen} if args.listen else {}),

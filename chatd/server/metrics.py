@@ -83,6 +83,7 @@ class Metrics:
         self.server = server
         self.providers: dict[str, Provider] = {
             "chat": self._chat,
+            "history": self._history,
             "loop": self._loop,
             "process": self._process,
         }
@@ -236,6 +237,25 @@ class Metrics:
         )
         yield _counter("chatd_kicks_total", "users kicked by an admin", stats.kicks)
         yield _gauge("chatd_bans", "bans in force", len(chat.bans.active(server.wall())))
+
+    def _history(self) -> Iterator[Metric]:
+        h = self.server.history_status()
+        yield _gauge(
+            "chatd_history_kept", "1 when a history is kept (keep_messages > 0)", h["kept"]
+        )
+        yield _gauge(
+            "chatd_history_messages", "messages in the history (its file, or memory)", h["messages"]
+        )
+        yield _gauge(
+            "chatd_history_complete", "0 while writes to the history file fail", h["complete"]
+        )
+        yield _gauge("chatd_history_pending", "messages waiting to be written", h["pending"])
+        yield _counter("chatd_history_lost_total", "messages that could not be kept", h["lost"])
+        yield _gauge(
+            "chatd_history_write_lag_seconds",
+            "how long the oldest message not yet in the file has waited",
+            h["write_lag"],
+        )
 
     def _loop(self) -> Iterator[Metric]:
         loop = self.server.loop

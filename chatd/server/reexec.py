@@ -172,6 +172,7 @@ class Successor:
                 pass_ms=_ms(t3 - t2),
                 take_ms=_ms(t4 - t3),
             )
+            server.close_history()  # what was said up to now, on disk before leaving
             log.flush()
             os._exit(0)  # no goodbyes: the clients are the next chatd's now
         self.fail(_why(word, "the next chatd exited while taking over"), registered=False)

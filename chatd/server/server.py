@@ -22,7 +22,7 @@ from typing import Any
 
 from chatd import __version__
 from chatd.core import chat as chat_rules
-from chatd.core.admin import ReloadFailed
+from chatd.core.admin import Later, ReloadFailed
 from chatd.core.bans import Bans, StateError
 from chatd.core.chat import Chat, Member
 from chatd.server import config as configmod
@@ -32,12 +32,13 @@ from chatd.server.connection import Connection
 from chatd.server.control import ControlServer
 from chatd.server.errors import StartupError
 from chatd.server.handover import Inherited
+from chatd.server.history import HistoryError, Store, history_status, open_store
 from chatd.server.listeners import bind_all, raise_nofile_limit, sock_address
 from chatd.server.loop import READ, Loop
 from chatd.server.metrics import Metrics
 from chatd.server.outbox import CLOSING, Outbox
 from chatd.server.reexec import Successor
-from chatd.server.systemd import Notifier, monotonic_usec, watchdog_usec
+from chatd.server.systemd import Notifier, monotonic_usec
 from chatd.wire import notices
 
 RECV_SIZE = 256 * 1024  # one read per ready socket per pass, at most this much
@@ -85,6 +86,7 @@ class Server:
         self.chat.log_messages = self._log_messages
         self.control = ControlServer(self)
         self.metrics = Metrics(self)  # and its listener, metrics.listen
+        self.store: Store | None = None  # the history file, when there is one
 
     # The Host of the chat.
 
@@ -136,6 +138,17 @@ class Server:
     def metrics_text(self) -> str:
         return self.metrics.text()
 
+    def history_status(self) -> dict[str, Any]:
+        return history_status(self.store, self.chat.history)
+
+    def read_history(self, limit: int, since: float | None, user: str | None) -> Later:
+        assert self.store is not None  # asked only when the history has a file
+        return self.store.query(limit, since, user)
+
+    def forget_history(self, name: str, up_to: int) -> Later:
+        assert self.store is not None
+        return self.store.forget(name, up_to)
+
     # Start-up.
 
     def open(
@@ -144,9 +157,11 @@ class Server:
         *,
         signals: bool = True,
         inherited: Inherited | None = None,
+        become: Any = None,
     ) -> None:
         """Load the bans; bind the control socket and the listeners (or adopt
-        ``sockets``, or what the chatd before this one handed over: ``inherited``).
+        ``sockets``, or what the chatd before this one handed over: ``inherited``);
+        call ``become()`` if given (chatd --daemon drops root there); open the history.
 
         Then install the signal wake-up (not for a server run by a test).
         """
@@ -162,7 +177,14 @@ class Server:
             socks = sockets if sockets is not None else bind_all(self.config.listen)
         self.listeners = [Listener(self, s) for s in socks]
         self.metrics.open(inherited.metrics if inherited else None)
-        self._store_listening()
+        if self.fdstore:
+            handover.store_listening(self)
+        if become is not None:
+            become()
+        try:
+            self.store = open_store(self.config.history, self.loop, self.chat.history)
+        except HistoryError as e:
+            raise StartupError(str(e)) from None
         began = time.monotonic()
         adopted = handover.adopt(self, inherited) if inherited is not None else 0
         adopt_ms = round((time.monotonic() - began) * 1000, 1)
@@ -187,22 +209,12 @@ class Server:
             control=self.control.path or None,
             metrics=self.metrics.address,
             bans=len(self.chat.bans),
+            history=self.config.history.file or None,
+            history_messages=self.store.count if self.store else None,
             max_clients=self.config.max_clients,
             nofile=nofile,
         )
-        self._systemd_ready()
-
-    def _systemd_ready(self) -> None:
-        notifier = self.notifier
-        if notifier.error:
-            self.log.warning("sd_notify_unavailable", error=notifier.error)
-        if not notifier.enabled:
-            return
-        notifier.notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
-        interval = watchdog_usec() / 2e6
-        if interval > 0:
-            self.log.info("watchdog", ping_seconds=interval)
-            self.call_at(time.monotonic() + interval, self._watchdog, interval)
+        self.notifier.ready(self.status_line(), self.log, self.call_at)
 
     def close_all(self) -> None:
         """Release everything (after run(), or if it never ran).  After a handover the
@@ -216,7 +228,15 @@ class Server:
         self.listeners = []
         self.metrics.close()
         self.control.close(keep_file=self.handed_over)
+        self.close_history()
         self.loop.close()
+
+    def close_history(self) -> None:
+        """Write what the history's writer has queued, and stop it."""
+        if self.store is not None:
+            self.chat.history.sink = None
+            self.store.close()
+            self.store = None
 
     # The loop.
 
@@ -244,6 +264,8 @@ class Server:
 
     def _fan_out(self) -> None:
         self.chat.flush()
+        if self.store is not None:
+            self.store.nudge()  # what this pass said, to the history's writer
 
     def settle(self) -> None:
         """Drop the members whose delivery failed this pass, now that nobody walks the room."""
@@ -302,15 +324,6 @@ class Server:
     def unstore(self, serial: int) -> None:
         if self.fdstore:
             self.notifier.unstore(f"c{serial}")
-
-    def _store_listening(self) -> None:
-        if self.fdstore:
-            self.notifier.store([lst.sock.fileno() for lst in self.listeners], "listen")
-            if self.control.sock is not None:
-                self.notifier.store([self.control.sock.fileno()], "control")
-            self.notifier.unstore("metrics")  # the one the chatd before had, if any
-            if self.metrics.listener is not None:
-                self.notifier.store([self.metrics.listener.sock.fileno()], "metrics")
 
     # Signals, shutdown and reload.
 
@@ -402,6 +415,8 @@ class Server:
         self.control.resolve_group(cfg)
         self.chat.log_messages = self._log_messages
         self.chat.reconfigure(cfg)
+        if self.store is not None:
+            self.store.configure(cfg.history.keep_messages, cfg.history.keep_days)
         for conn in self.conns.values():
             if conn.state is chat_rules.JOINED:
                 conn.decoder.max_payload = cfg.max_message_bytes
@@ -430,11 +445,6 @@ class Server:
         self._status_scheduled = False
         if not self.stopping:
             self.notifier.notify(f"STATUS={self.status_line()}")
-
-    def _watchdog(self, interval: float) -> None:
-        # A timer of the loop: when the loop is stuck, the pings stop and systemd acts.
-        self.notifier.notify("WATCHDOG=1")
-        self.call_at(time.monotonic() + interval, self._watchdog, interval)
 
 
 class Listener:

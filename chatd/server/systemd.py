@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
 
 SD_LISTEN_FDS_START = 3
 SCM_MAX_FD = 253  # descriptors the kernel passes in one message
@@ -105,6 +106,26 @@ class Notifier:
             self.error = f"sd_notify failed: {e.strerror or e}"
             return False
         return True
+
+    def ready(self, status: str, log: Any, call_at: Callable[[float, Any, Any], None]) -> None:
+        """Say READY=1 with the first STATUS=, and start the watchdog's pings at half
+        its interval: a timer of the loop, so when the loop is stuck the pings stop
+        and systemd acts."""
+        if self.error:
+            log.warning("sd_notify_unavailable", error=self.error)
+        if not self.enabled:
+            return
+        self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        interval = watchdog_usec() / 2e6
+        if interval <= 0:
+            return
+        log.info("watchdog", ping_seconds=interval)
+
+        def ping(_: Any) -> None:
+            self.notify("WATCHDOG=1")
+            call_at(time.monotonic() + interval, ping, None)
+
+        call_at(time.monotonic() + interval, ping, None)
 
     def store(self, fds: list[int], name: str) -> bool:
         """Keep ``fds`` in the manager's file descriptor store under ``name`` (FDSTORE=1):

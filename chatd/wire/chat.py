@@ -7,7 +7,11 @@ cannot be forged:
 - ``chatd`` (`NOTICE_SENDER`) sends the server's notices (see notices.py);
 - a private message from alice reaches its one recipient from ``alice (private)``,
   and alice is told it went with the same text from ``alice -> bob (private)``;
-- an action (``/me waves``) reaches everyone else from ``* alice``.
+- an action (``/me waves``) reaches everyone else from ``* alice``;
+- a message replayed from the history (on joining, or asked for with /history) comes
+  from ``alice [2026-11-25 14:03:07 UTC]``: the name, a space, and the time it was
+  said in brackets, as ban notices write times.  No user name ends in ']' (names.py),
+  so not even a look-alike without the space can pass for one.
 
 A message that starts with '/' is a command for the daemon.  `parse()` turns its text
 into what it asks for, without doing any of it; the daemon carries it out, and the
@@ -16,7 +20,9 @@ client uses the same grammar to know which of its lines are commands.
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 import unicodedata
 from dataclasses import dataclass
 
@@ -27,6 +33,10 @@ NOTICE_SENDER = "chatd"
 PRIVATE_SUFFIX = " (private)"
 ACTION_PREFIX = "* "
 WHO_MAX_BYTES = 4000  # a list of names (/who, the welcome) is cut after about this size
+HISTORY_FORMAT = "%Y-%m-%d %H:%M:%S UTC"  # the time in a replayed message's sender
+HISTORY_END = "]"  # how a replayed message's sender ends (and no user name may)
+HISTORY_DEFAULT = 20  # messages /history sends without a count
+HISTORY_MAX = 100  # and at most (replay_on_join too)
 
 
 def private_sender(name: str) -> str:
@@ -45,11 +55,36 @@ def action_sender(name: str) -> str:
 SENT_ARROW = " -> "
 
 
+def history_sender(name: str, t: float) -> str:
+    """The sender of a message replayed from the history: ``alice [2026-11-25 14:03:07 UTC]``
+    (``t``, seconds since the epoch, is when it was said)."""
+    return f"{name} [{time.strftime(HISTORY_FORMAT, time.gmtime(t))}]"
+
+
+_HISTORY = re.compile(r"(\S+) \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)\]")
+
+
+def read_history(sender: str) -> tuple[str, float] | None:
+    """(name, time said) of a replayed message's sender, or None if it is not one."""
+    m = _HISTORY.fullmatch(sender) if sender.endswith(" UTC]") else None
+    if m is None:
+        return None
+    try:
+        return m.group(1), float(calendar.timegm(time.strptime(m.group(2), HISTORY_FORMAT)))
+    except ValueError:  # 2026-13-45
+        return None
+
+
 def read_sender(sender: str) -> tuple[str, str, str]:
     """(kind, name, to) of a sender: kind notice, private, sent (a private message
-    of one's own, gone to ``to``), action or message."""
+    of one's own, gone to ``to``), action, history (a message replayed from the
+    history; `read_history` has its time) or message."""
     if sender == NOTICE_SENDER:
         return "notice", sender, ""
+    if sender.endswith(HISTORY_END):
+        said = read_history(sender)
+        if said is not None:
+            return "history", said[0], ""
     if sender.endswith(PRIVATE_SUFFIX):
         name = sender[: -len(PRIVATE_SUFFIX)]
         if _is_name(name):
@@ -145,6 +180,13 @@ class Who:
 
 
 @dataclass(frozen=True)
+class History:
+    """Send the sender the last ``count`` messages said in the room."""
+
+    count: int
+
+
+@dataclass(frozen=True)
 class Quit:
     pass
 
@@ -156,7 +198,7 @@ class Reply:
     lines: tuple[str, ...]
 
 
-Command = Say | Act | Private | Who | Quit | Reply
+Command = Say | Act | Private | Who | History | Quit | Reply
 
 
 def parse(text: str) -> Command:
@@ -171,6 +213,8 @@ def parse(text: str) -> Command:
     rest = parts[1] if len(parts) > 1 else ""
     if command == "who":
         return Who()
+    if command == "history":
+        return _history(rest.strip())
     if command == "help":
         return Reply(tuple(line() for line in notices.HELP))
     if command == "quit":
@@ -186,6 +230,17 @@ def parse(text: str) -> Command:
         return Private(target, message)
     shown = parts[0] if len(parts[0]) <= 32 else parts[0][:32] + "..."
     return Reply((notices.UNKNOWN_COMMAND(command=shown),))
+
+
+def _history(count: str) -> Command:
+    """/history [N]: N from 1 on, more than HISTORY_MAX meaning HISTORY_MAX."""
+    if not count:
+        return History(HISTORY_DEFAULT)
+    if count.isascii() and count.isdigit():
+        n = int(count.lstrip("0")[:9] or "0")  # nine digits are past any maximum
+        if n > 0:
+            return History(min(n, HISTORY_MAX))
+    return Reply((notices.USAGE(usage=f"/history [N], N from 1 to {HISTORY_MAX}"),))
 
 
 def is_quit(line: str) -> bool:

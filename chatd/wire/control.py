@@ -13,6 +13,7 @@ in UTC, durations as "90s", "10m", "1h30m".
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import re
@@ -52,7 +53,11 @@ COMMANDS: dict[str, Spec] = {
     "metrics": {},
     "reload": {},
     "handover": {},  # the next SIGTERM is a restart: hand every connection over
+    "history": {"limit": (int, False), "since": (str, False), "user": (str, False)},
+    "forget": {"name": (str, True)},
 }
+HISTORY_LIMIT = 100  # messages `history` answers with, unless asked for another number
+HISTORY_LIMIT_MAX = 10_000  # and at most
 
 
 class RequestError(Exception):
@@ -147,7 +152,9 @@ def parse(line: bytes) -> Request:
 
 
 def _type_name(kind: type) -> str:
-    return {str: "string", int: "number", bool: "boolean"}.get(kind, kind.__name__)
+    return {str: "string", int: "whole number", bool: "boolean", float: "number"}.get(
+        kind, kind.__name__
+    )
 
 
 def encode(reply: dict[str, Any]) -> bytes:
@@ -199,3 +206,13 @@ def iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime(ISO_FORMAT, time.gmtime(t))
+
+
+def parse_iso(text: str) -> float:
+    """Seconds since the epoch of a TIME as the protocol writes them ("2026-11-25T18:31:42Z")."""
+    try:
+        return float(calendar.timegm(time.strptime(text, ISO_FORMAT)))
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"expected a time such as 2026-11-25T18:31:42Z (UTC), got {text!r}"
+        ) from None

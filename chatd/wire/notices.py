@@ -98,6 +98,13 @@ USER_KICKED = _notice("user_kicked", "{name} was kicked{reason}")
 USER_BANNED = _notice("user_banned", "{name} was banned{reason}")
 WHO = _notice("who", "online ({count}): {names}")
 
+# The history: what a newcomer is replayed, and /history's answer, come between these
+# (``s`` is "s" but for one message); the messages come from senders that say when.
+HISTORY_NONE = _notice("history_none", "no earlier messages")
+HISTORY_BEGIN = _notice("history_begin", "{count} earlier message{s}")
+HISTORY_END = _notice("history_end", "now")
+HISTORY_OFF = _notice("history_off", "no history is kept on this server")
+
 # Answers to what a user sent.
 NOBODY_CALLED = _notice("nobody_called", "message not sent: nobody called {name!r} is online")
 TO_YOURSELF = _notice("to_yourself", "message not sent: {name!r} is you")
@@ -116,6 +123,7 @@ HELP = tuple(
         "/who - who is online",
         "/msg NAME TEXT - a private message to NAME alone",
         "/me ACTION - an action, shown to the others as * NAME ACTION",
+        "/history [N] - the last N messages said here (20, at most 100)",
         "/quit - leave the chat",
         "//TEXT - send the message /TEXT",
         "/help - this list",
