@@ -13,9 +13,15 @@ every loop is bounded in count and in time.
 Scenarios:
   a  fan-out: 100 and 1,000 receivers, 10 senders with 64-byte messages, each
      sender at most --window messages ahead of what the probes received
-  b  latency: 1,000 receivers, 200 messages/s offered, send-to-receipt time
-  c  capacity: clients in steps of 1,000 up to 10,000, one broadcast after each
-  d  join storm: 2,000 clients connect and register, 10 and 100 in flight
+  b  latency: 1,000 receivers, 100 and 200 messages/s offered, send-to-receipt time
+     at probes that joined first, in the middle and last (the old way: last alone),
+     beside the floor: receivers x the measured cost of one send()
+  c  capacity: clients in steps of 1,000 up to 10,000, one broadcast after each;
+     RSS per client from an idle chatd (the old way) and per member from 1,000 to 10,000
+  d  join storm: 2,000 clients connect and register, 10 and 100 in flight; each one
+     joins the room, whose members are told, and counts as joined at its welcome;
+     the notice bytes the members received per join
+  m  memory: what one idle member holds, by tracemalloc (bench/member_memory.py)
   e  restart: with 1,000 and 10,000 connected, the longest wait a client sees (SIGUSR2)
   f  history on vs off: scenario a's fan-out at 100 and 1,000 receivers, rounds
      alternating between a chatd keeping no history (keep_messages 0) and one
@@ -98,6 +104,7 @@ class Daemon:
 
     profile_dir: Path | None = None  # --profile: where py-spy writes
     profiler: subprocess.Popen[bytes] | None = None
+    root: Path = ROOT  # --chatd-root: the checkout whose chatd runs (an A/B comparison)
 
     def __init__(self, workdir: Path, cpu: int | None, extra: dict[str, Any] | None = None) -> None:
         self.control = str(workdir / "admin.sock")
@@ -121,10 +128,10 @@ class Daemon:
         cmd = [sys.executable, "-m", "chatd", "--config", str(path)]
         if cpu is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(cpu), *cmd]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(self.root)}
         env.pop("PYTHONUNBUFFERED", None)
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=self.root
         )
         self.pid = self.proc.pid  # taskset execs the daemon: same pid
         self.log_bytes = 0
@@ -339,6 +346,7 @@ class Generator:
         self.joined: list[Conn] = []
         self.failed: dict[str, int] = {}
         self.latencies: list[int] = []  # ns, probes in latency mode
+        self.probe_latencies: dict[str, list[int]] = {}  # the same, by probe name
         self.stamped = False  # probes read send times from the text
 
     def close(self) -> None:
@@ -460,11 +468,13 @@ class Generator:
                     self.joining -= 1
                     c.state = c.want
                     self.joined.append(c)
+                    if c.state == COUNT:  # what came with the welcome counts as received
+                        c.nbytes += sum(HL + len(f) for f in frames[i + 2 :]) + len(c.buf)
+                        c.buf.clear()
+                        return
                 elif text.startswith(b"name rejected") or text.startswith(b"the server is full"):
                     self.fail(c, text.decode()[:40])
                     return
-        if c.state == COUNT:
-            c.buf.clear()  # what followed the welcome: notices, not measured
 
     def _probe(self, c: Conn) -> None:
         data = self._read(c)
@@ -477,11 +487,14 @@ class Generator:
             c.buf[:0] = frame(frames.pop())
         counts = c.per_sender
         now = time.monotonic_ns() if self.stamped else 0
+        mine = self.probe_latencies.setdefault(c.name, []) if self.stamped else []
         for i in range(0, len(frames), 2):
             sender = frames[i]
             counts[sender] = counts.get(sender, 0) + 1
             if self.stamped and sender != b"chatd":
-                self.latencies.append(now - int(frames[i + 1][11:31]))
+                took = now - int(frames[i + 1][11:31])
+                self.latencies.append(took)
+                mine.append(took)
 
     def settle(self, quiet: float = 0.3, limit: float = 60.0) -> None:
         """Read until nothing arrives for ``quiet`` seconds (notices, welcomes)."""
@@ -590,12 +603,16 @@ def fanout(
 # Scenario b: latency at a fixed offered rate.
 
 
-def _sink(port: int, names: list[str], ready: Any, stop: Any, out: Any) -> None:
-    """Forked helper: join ``names`` as byte-counting receivers, read until told to stop."""
+def _sink(port: int, halves: list[list[str]], ready: Any, go: Any, stop: Any, out: Any) -> None:
+    """Forked helper: join ``halves`` as byte-counting receivers, one half per ``go``
+    (``ready`` is set after each), and read until told to stop."""
     gen = Generator(port)
     try:
-        gen.join_many(names, COUNT, 100, 120)
-        ready.set()
+        for i, names in enumerate(halves):
+            if i and not go.wait(180):
+                raise BenchError("not told to go on")
+            gen.join_many(names, COUNT, 100, 120)
+            ready.set()
         deadline = time.monotonic() + 600
         while not stop.is_set() and time.monotonic() < deadline:
             # Drain every few ms rather than on every wake-up: each recv then
@@ -610,25 +627,80 @@ def _sink(port: int, names: list[str], ready: Any, stop: Any, out: Any) -> None:
         gen.close()
 
 
-def latency(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
-    receivers, probes_n, senders_n, rate = args.latency_receivers, 5, 10, 200.0
+PROBE_PLACES = ("first", "middle", "last")  # where in the join order the probes join
+PROBES_PER_PLACE = 2
+
+
+def percentiles(lat_ns: list[int]) -> dict[str, float]:
+    """p50, p99 and max of latencies in ns, in ms (an empty list: zeros)."""
+    lat = sorted(lat_ns)
+    if not lat:
+        return {"p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+    return {
+        "p50_ms": round(lat[len(lat) // 2] / 1e6, 3),
+        "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e6, 3),
+        "max_ms": round(lat[-1] / 1e6, 3),
+    }
+
+
+def send_cost_us(sockets: int = 200, reps: int = 20) -> float:
+    """The time of one send() of a 74-byte frame pair on loopback TCP, in us: the median
+    over ``reps`` passes of a bare Python loop over ``sockets`` connections (nobody
+    reading, as a receiver that is slower than the loop)."""
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(sockets)
+        clients = [socket.create_connection(lst.getsockname()) for _ in range(sockets)]
+        servers = [lst.accept()[0] for _ in range(sockets)]
+        try:
+            for s in servers:
+                s.setblocking(False)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            data = frame("s00000") + frame(message_text(0))
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for s in servers:
+                    s.send(data)
+                times.append((time.perf_counter() - t0) / sockets)
+            return round(statistics.median(times) * 1e6, 2)
+        finally:
+            for s in clients + servers:
+                s.close()
+
+
+def latency(args: argparse.Namespace, rate: float, rounds: int) -> dict[str, Any]:
+    """Latency at ``rate`` messages/s: probes joined first, in the middle and last (the
+    room serves members in join order, so the last wait longest); per place and pooled."""
+    receivers, senders_n = args.latency_receivers, 10
+    probes_n = PROBES_PER_PLACE * len(PROBE_PLACES)
     ctx = multiprocessing.get_context("fork")
+    send_us = send_cost_us()
     with tempfile.TemporaryDirectory() as tmp:
         daemon = Daemon(Path(tmp), args.daemon_cpu)
-        ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+        ready, go, stop, out = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
         names = [f"r{i:05d}" for i in range(receivers - probes_n)]
-        sink = ctx.Process(target=_sink, args=(daemon.port, names, ready, stop, out))
-        sink.start()
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+        places = {
+            place: [f"p{k}{i}" for i in range(PROBES_PER_PLACE)] for k, place in enumerate("fml")
+        }
         gen = Generator(daemon.port)
+        gen.stamped = True
+        gen.join_many(places["f"], PROBE, 100, 30)
+        sink = ctx.Process(target=_sink, args=(daemon.port, halves, ready, go, stop, out))
+        sink.start()
         try:
             if not ready.wait(180):
                 raise BenchError("the receivers did not join in time")
-            gen.stamped = True
-            gen.join_many([f"p{i:05d}" for i in range(probes_n)], PROBE, 100, 30)
+            ready.clear()
+            gen.join_many(places["m"], PROBE, 100, 30)
+            go.set()
+            if not ready.wait(180):
+                raise BenchError("the receivers did not join in time")
+            gen.join_many(places["l"], PROBE, 100, 30)
             _, senders = gen.join_many([f"s{i:05d}" for i in range(senders_n)], COUNT, 100, 30)
             gen.settle()
             gen.reset_counts()
-            gen.latencies.clear()
             seq = 0
 
             def offer(seconds: float) -> None:
@@ -652,10 +724,11 @@ def latency(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
 
             seq_in_round = [0]
             offer(args.warmup)
-            daemon.profile("latency")
+            daemon.profile(f"latency_{rate:g}")
             results = []
             for _ in range(rounds):
                 gen.latencies.clear()
+                gen.probe_latencies.clear()
                 seq_in_round[0] = 0
                 meter = CpuMeter(daemon, [os.getpid(), sink.pid or 0])
                 offer(args.seconds + 1)
@@ -664,28 +737,29 @@ def latency(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
                 end = time.monotonic() + 0.5
                 while time.monotonic() < end:
                     gen.poll(0.01)
-                lat = sorted(gen.latencies)
-                if not lat:
+                if not gen.latencies:
                     raise BenchError("no message reached a probe")
+                row: dict[str, Any] = percentiles(gen.latencies)
+                for k, place in zip("fml", PROBE_PLACES, strict=True):
+                    pooled = [x for n in places[k] for x in gen.probe_latencies.get(n, [])]
+                    for key, value in percentiles(pooled).items():
+                        row[f"{key}_{place}"] = value
+                    for n in places[k]:  # each probe of the place: p99
+                        row[f"p99_ms_{n}"] = percentiles(gen.probe_latencies.get(n, []))["p99_ms"]
                 results.append(
-                    {
-                        "p50_ms": round(lat[len(lat) // 2] / 1e6, 3),
-                        "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e6, 3),
-                        "max_ms": round(lat[-1] / 1e6, 3),
-                        "samples": len(lat),
-                        **cpu,
-                        "saturated": saturated(cpu),
-                    }
+                    row | {"samples": len(gen.latencies), **cpu, "saturated": saturated(cpu)}
                 )
-            daemon.profile_stop()
             daemon.profile_stop()
             return summarize(results) | {
                 "receivers": receivers,
                 "probes": probes_n,
                 "offered_per_s": rate,
+                "send_us": send_us,
+                "floor_ms": floor_ms(receivers, send_us),
             }
         finally:
             stop.set()
+            go.set()
             with contextlib.suppress(Exception):
                 sink_result = out.get(timeout=10)
                 if sink_result.get("failed") or sink_result.get("error"):
@@ -695,6 +769,11 @@ def latency(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
                 sink.kill()
             gen.close()
             daemon.stop()
+
+
+def floor_ms(receivers: int, send_us: float) -> float:
+    """The wait of the last member of a room for a message: one send() per receiver."""
+    return round(receivers * send_us / 1000, 2)
 
 
 # Scenario c: capacity.
@@ -728,13 +807,26 @@ def capacity(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
                     "clients": clients,
                     "rss_mib": steps[-1]["rss_mib"],
                     "idle_rss_mib": round(rss0 / 1024, 1),
+                    # The old way: from chatd with nobody connected, its start-up included.
                     "per_client_kib": round((rss_top - rss0) / (clients - 1), 2),
+                    # The issue's: between the first step (1,000) and the last (10,000).
+                    "per_member_kib": per_member_kib(steps),
+                    "first_step_clients": steps[0]["clients"],
                     "connect_s_total": round(sum(s["connect_s"] for s in steps), 3),
                     "steps": steps,
                     **({"stopped": stopped} if stopped else {}),
                 }
             )
     return summarize(results)
+
+
+def per_member_kib(steps: list[dict[str, Any]]) -> float:
+    """RSS per member added between the first step and the last, in KiB (0: one step)."""
+    first, last = steps[0], steps[-1]
+    if last["clients"] <= first["clients"]:
+        return 0.0
+    kib = (last["rss_mib"] - first["rss_mib"]) * 1024
+    return round(kib / (last["clients"] - first["clients"]), 2)
 
 
 def _capacity_step(
@@ -765,7 +857,7 @@ def _capacity_step(
             "clients": clients,
             "connect_s": round(took, 3),
             "broadcast_ms": round((time.monotonic() - t0) * 1000, 1),
-            "rss_mib": round(rss / 1024, 1),
+            "rss_mib": round(rss / 1024, 3),
         }
     )
     print(f"    {steps[-1]}", file=sys.stderr)
@@ -972,13 +1064,18 @@ def join_storm(
             except BenchError:
                 took, joined = args.step_limit, gen.joined
             cpu = meter.read()
-            daemon.profile_stop()
-            refused = sum(gen.failed.values())
             busy = cpu["daemon_cpu"] * (time.monotonic() - meter.t0)
+            daemon.profile_stop()
+            # The members were told of each join: what they got after their welcome.
+            with contextlib.suppress(BenchError):
+                gen.settle(limit=10)
+            told = gen.received()
+            refused = sum(gen.failed.values())
             results.append(
                 {
                     "joins_per_s": round(len(joined) / took),
                     "chatd_cpu_us_per_join": round(busy / max(len(joined), 1) * 1e6, 1),
+                    "notice_bytes_per_join": round(told / max(len(joined), 1)),
                     "joined": len(joined),
                     "refused_or_reset": refused,
                     "failures": dict(gen.failed),
@@ -1086,6 +1183,26 @@ def write_lag(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
     }
 
 
+# Scenario m: what one member holds (tracemalloc, bench/member_memory.py).
+
+
+def member_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """bench/member_memory.py in a subprocess, with the chatd of --chatd-root."""
+    n = max(args.capacity // 10, 10)
+    cmd = [sys.executable, str(ROOT / "bench" / "member_memory.py"), "--json"]
+    cmd += ["--members", str(n), "--more", str(n)]
+    if args.daemon_cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(args.daemon_cpu), *cmd]
+    env = {**os.environ, "PYTHONPATH": str(Daemon.root)}
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Daemon.root, check=False
+    )
+    if proc.returncode:
+        raise BenchError(f"member_memory failed: {proc.stderr.strip()[-300:]}")
+    res: dict[str, Any] = json.loads(proc.stdout)
+    return res
+
+
 # Results.
 
 
@@ -1165,14 +1282,36 @@ def table(res: dict[str, Any]) -> str:
                     "",
                 )
             )
-        elif key == "latency":
+        elif key.startswith("latency"):
+            rate = r["offered_per_s"]
+            target = {100: "p99 <= 8", 200: "p99 <= 10"}.get(int(rate), "")
             rows.append(
                 (
-                    f"b latency {r['receivers']:,} receivers 200 msg/s",
-                    "p50 / p99 / max ms",
+                    f"b latency {r['receivers']:,} receivers {rate:g} msg/s",
+                    "p50 / p99 / max ms, pooled",
                     f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} / {r['max_ms']:.2f}",
-                    "p99 <= 10" if r["receivers"] == 1000 else "",
+                    target if r["receivers"] == 1000 else "",
                     _cpu(r),
+                )
+            )
+            for place in PROBE_PLACES:
+                rows.append(
+                    (
+                        "",
+                        f"probes joined {place}" + (" (the old way)" if place == "last" else ""),
+                        f"{r[f'p50_ms_{place}']:.2f} / {r[f'p99_ms_{place}']:.2f} / "
+                        f"{r[f'max_ms_{place}']:.2f}",
+                        "",
+                        "",
+                    )
+                )
+            rows.append(
+                (
+                    "",
+                    "floor: receivers x send()",
+                    f"{r['floor_ms']:.2f} ms ({r['receivers']:,} x {r['send_us']} us)",
+                    "",
+                    "",
                 )
             )
         elif key == "capacity":
@@ -1182,6 +1321,15 @@ def table(res: dict[str, Any]) -> str:
                     "RSS MiB / KiB per client",
                     f"{r['rss_mib']} / {r['per_client_kib']}",
                     "10,000 clients",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    "",
+                    f"KiB per member, {int(r['first_step_clients']):,} to {int(r['clients']):,}",
+                    f"{r['per_member_kib']}",
+                    "<= 2.0",
                     "",
                 )
             )
@@ -1221,7 +1369,7 @@ def table(res: dict[str, Any]) -> str:
                 )
             )
         elif key.startswith("storm"):
-            target = ">= 8,000, none refused" if r["in_flight"] == 100 else ""
+            target = ">= 10,000" + (", none refused" if r["in_flight"] == 100 else "")
             what = "d join storm"
             if key.startswith("storm_replay"):
                 what = "g join storm, replay 20" if r["said"] else "g join storm, no history"
@@ -1235,6 +1383,21 @@ def table(res: dict[str, Any]) -> str:
                     _cpu(r),
                 )
             )
+            rows.append(
+                ("", "notice bytes to members per join", f"{r['notice_bytes_per_join']:,}", "", "")
+            )
+        elif key == "memory":
+            rows.append(
+                (
+                    "m one idle member (tracemalloc)",
+                    "Python bytes per member",
+                    f"{r['python_bytes_per_member']:,}",
+                    "",
+                    "",
+                )
+            )
+            for part in r["breakdown"][:6]:
+                rows.append(("", f"  {part['what']}", f"{part['bytes']} B", "", ""))
         elif key.startswith("restart"):
             rows.append(
                 (
@@ -1274,7 +1437,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one round of each scenario")
     p.add_argument("--rounds", type=int, default=5, help="rounds per scenario (default 5)")
     p.add_argument(
-        "--scenarios", default="abcdefghi", help="which scenarios to run (default abcdefghi)"
+        "--scenarios", default="abcdefghim", help="which scenarios to run (default abcdefghim)"
     )
     p.add_argument("--seconds", type=float, default=2.0, help="seconds measured per round")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
@@ -1292,6 +1455,17 @@ def main(argv: list[str] | None = None) -> int:
         help="receiver counts in scenario a (default 100,1000)",
     )
     p.add_argument("--latency-receivers", type=int, default=1000, help="receivers in scenario b")
+    p.add_argument(
+        "--latency-rates",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[100.0, 200.0],
+        help="messages/s offered in scenario b (default 100,200)",
+    )
+    p.add_argument(
+        "--chatd-root",
+        metavar="DIR",
+        help="run the chatd of another checkout (an A/B comparison; default this one)",
+    )
     p.add_argument("--step", type=int, default=1000, help="clients added per step in c")
     p.add_argument(
         "--lag-rate", type=int, default=10000, help="messages/s offered in g (default 10000)"
@@ -1307,6 +1481,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON file (default bench/results/<time>-<commit>.json)")
     args = p.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
+    if args.chatd_root:
+        Daemon.root = Path(args.chatd_root).resolve()
     if args.profile:
         Daemon.profile_dir = Path(args.profile)
         Daemon.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -1333,6 +1509,7 @@ def main(argv: list[str] | None = None) -> int:
         "history off where a scenario says so (keep_messages 0, file ''); "
         "stdout read and discarded",
         "note": "other work on this machine may share its cores: figures are medians over rounds",
+        "chatd_root": str(Daemon.root),
         "scenarios": {},
     }
     plan: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
@@ -1340,12 +1517,15 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.receivers:
             plan.append(("a", f"fanout_{n}", lambda n=n: fanout(args, n, rounds)))
     if "b" in args.scenarios:
-        plan.append(("b", "latency", lambda: latency(args, rounds)))
+        for rate in args.latency_rates:
+            plan.append(("b", f"latency_{rate:g}", lambda rate=rate: latency(args, rate, rounds)))
     if "c" in args.scenarios:
         plan.append(("c", "capacity", lambda: capacity(args, 1 if args.quick else 2)))
     if "d" in args.scenarios:
         plan.append(("d", "storm_10", lambda: join_storm(args, 10, rounds)))
         plan.append(("d", "storm_100", lambda: join_storm(args, 100, rounds)))
+    if "m" in args.scenarios:
+        plan.append(("m", "memory", lambda: member_memory(args)))
     if "e" in args.scenarios:
         for n in (args.restart_small, args.restart):
             plan.append(

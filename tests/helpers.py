@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from chatd.wire import notices
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTICE = "chatd"
 TIMEOUT = 5.0
@@ -409,6 +411,40 @@ class Admin:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def names_told(text: str) -> int:
+    """How many users a join or leave notice tells of: 1, or for several in a row
+    ("a, b and 48 others left (closed)", "a and b joined") the names and the others."""
+    for many in (notices.JOINED_MANY, notices.LEFT_MANY):
+        fields = many.match(text)
+        if fields is not None and " and " in fields["names"]:
+            head, _, tail = fields["names"].rpartition(" and ")
+            shown = len(head.split(", "))
+            return shown + (int(tail.split()[0]) if tail.endswith(" others") else 1)
+    return 1
+
+
+def joined_names(text: str) -> list[str]:
+    """The names a join notice tells of, one join or several in a row ("a, b and c
+    joined"; every name shown, as they are up to three)."""
+    one = notices.JOINED.match(text)
+    if one is not None:
+        return [one["name"]]
+    fields = notices.JOINED_MANY.match(text)
+    assert fields is not None, text
+    head, _, last = fields["names"].rpartition(" and ")
+    return [*head.split(", "), last]
+
+
+def expect_joins(client: Client, *names: str) -> None:
+    """``client`` is told that ``names`` joined, in that order: in one notice or several."""
+    told: list[str] = []
+    while len(told) < len(names):
+        sender, text = client.recv()
+        assert sender == NOTICE, (sender, text)
+        told += joined_names(text)
+    assert told == list(names)
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:

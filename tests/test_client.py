@@ -133,6 +133,8 @@ def test_long_lines_are_split_keeping_their_meaning() -> None:
 def test_room_events_are_not_reasons() -> None:
     assert session.ending("bob joined") is None
     assert session.ending("bob left (slow consumer)") is None
+    assert session.ending("bob, carol and 148 others joined") is None
+    assert session.ending("bob and carol left (quit)") is None
     assert session.ending("welcome, bob; nobody else is online") is None
     assert session.ending("bob was kicked (spam)") is None
     assert session.ending("bob was banned") is None

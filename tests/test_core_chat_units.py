@@ -14,7 +14,14 @@ from structlog.testing import capture_logs
 from unit_host import UnitRoom, logger_names, pairs
 
 from chatd.core.bans import Ban
-from chatd.core.chat import GONE, JOINED, NOTICE_INTERVAL
+from chatd.core.chat import (
+    GONE,
+    JOINED,
+    NOTICE_INTERVAL,
+    NOTICE_INTERVAL_MAX,
+    NOTICE_SHARE,
+)
+from chatd.core.room import Room as CoreRoom
 from chatd.wire.chat import NOTICE_SENDER
 
 
@@ -246,6 +253,34 @@ def test_after_a_whole_flush_a_newcomers_welcome_is_due_at_once() -> None:
     # The welcome, then the replay of "hi" (history), and no "carol joined" yet.
     assert carol.take()[0] == notice("welcome, carol; online: alice, bob")
     assert r.chat.holding and r.chat.next_flush() == r.host.t + NOTICE_INTERVAL
+
+
+@pytest.mark.parametrize("took", [0.001, 0.02, 0.2])
+def test_after_a_long_flush_notices_alone_wait_longer(
+    took: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = UnitRoom()
+    alice = r.connect()
+    r.chat.name_received(alice, "alice")
+    r.chat.flush()
+    r.host.advance(1.0)
+    bob = r.connect()
+    r.chat.name_received(bob, "bob")
+    flush = CoreRoom.flush
+
+    def slow_flush(room: CoreRoom[Any]) -> None:  # a large room: the fan-out takes ``took``
+        flush(room)
+        r.host.t += took
+
+    with monkeypatch.context() as m:
+        m.setattr(CoreRoom, "flush", slow_flush)
+        r.chat.flush()  # "bob joined" goes: the last broadcast was long ago
+    carol = r.connect()
+    r.chat.name_received(carol, "carol")
+    r.chat.flush()
+    wait = min(max(NOTICE_INTERVAL, NOTICE_SHARE * took), NOTICE_INTERVAL_MAX)
+    assert r.chat.holding
+    assert r.chat.next_flush() == pytest.approx(r.host.t + wait)
 
 
 # The idle sweep's schedule.

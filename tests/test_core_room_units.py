@@ -8,6 +8,7 @@ import pytest
 
 from chatd.core import room as room_module
 from chatd.core.room import Room
+from chatd.wire import notices
 from chatd.wire.chat import NOTICE_SENDER
 from chatd.wire.framing import FrameDecoder, encode
 
@@ -324,3 +325,91 @@ def test_sender_frames_are_kept_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -
     assert len(room._name_frames) == 3
     assert room.frame("s3", "z") == encode("s3") + encode("z")  # a fourth: start over
     assert list(room._name_frames) == ["s3"]
+
+
+# Notices of several joins or leaves in a row (a join storm) reach a member as one.
+
+
+def _join(room: Room[Member], m: Member) -> None:
+    room.join(m)
+    room.notice(notices.JOINED(name=m.name), exclude=m, run=(notices.JOINED_MANY, "", m.name))
+
+
+def _leave(room: Room[Member], m: Member, reason: str) -> None:
+    room.leave(m)
+    run = (notices.LEFT_MANY, reason, m.name)
+    room.notice(notices.LEFT(name=m.name, reason=reason), run=run)
+
+
+def test_joins_in_a_row_reach_a_member_as_one_notice() -> None:
+    room: Room[Member] = Room()
+    old = Member("old")
+    room.join(old)
+    room.flush()
+    newcomers = [Member(f"n{i}") for i in range(5)]
+    for m in newcomers:
+        _join(room, m)
+    room.flush()
+    assert old.pairs() == [(NOTICE_SENDER, "n0, n1 and 3 others joined")]
+    # Each newcomer is told of those after it, never of itself.
+    assert newcomers[0].pairs() == [(NOTICE_SENDER, "n1, n2 and 2 others joined")]
+    assert newcomers[2].pairs() == [(NOTICE_SENDER, "n3 and n4 joined")]
+    assert newcomers[3].pairs() == [(NOTICE_SENDER, "n4 joined")]
+    assert newcomers[4].pairs() == []
+    assert notices.recognize("n0, n1 and 3 others joined") is notices.JOINED_MANY
+    assert notices.recognize("n3 and n4 joined") is notices.JOINED_MANY
+
+
+def test_one_join_alone_is_the_notice_of_one_join_byte_for_byte() -> None:
+    room: Room[Member] = Room()
+    old = Member("old")
+    room.join(old)
+    room.flush()
+    _join(room, Member("alice"))
+    room.flush()
+    assert old.chunks == [encode(NOTICE_SENDER) + encode("alice joined")]
+
+
+def test_a_message_or_another_reason_ends_a_row_of_notices() -> None:
+    room: Room[Member] = Room()
+    old, talker = Member("old"), Member("talker")
+    gone = [Member(f"g{i}") for i in range(5)]
+    for m in (old, talker, *gone):
+        room.join(m)
+    room.flush()
+    _leave(room, gone[0], "quit")
+    _leave(room, gone[1], "quit")
+    room.post(talker, "hi")
+    _leave(room, gone[2], "quit")
+    _leave(room, gone[3], "quit")
+    _leave(room, gone[4], "closed")
+    room.flush()
+    assert old.pairs() == [
+        (NOTICE_SENDER, "g0 and g1 left (quit)"),
+        ("talker", "hi"),
+        (NOTICE_SENDER, "g2 and g3 left (quit)"),
+        (NOTICE_SENDER, "g4 left (closed)"),
+    ]
+    # The talker does not get its own message: for it the four leaves are in a row.
+    assert talker.pairs() == [
+        (NOTICE_SENDER, "g0, g1 and 2 others left (quit)"),
+        (NOTICE_SENDER, "g4 left (closed)"),
+    ]
+    assert notices.recognize("g0 and g1 left (quit)") is notices.LEFT_MANY
+
+
+def test_a_private_frame_between_joins_keeps_its_place() -> None:
+    room: Room[Member] = Room()
+    old = Member("old")
+    room.join(old)
+    room.flush()
+    _join(room, Member("a"))
+    room.send_to(old, NOTICE_SENDER, "for you")
+    _join(room, Member("b"))
+    _join(room, Member("c"))
+    room.flush()
+    assert old.pairs() == [
+        (NOTICE_SENDER, "a joined"),
+        (NOTICE_SENDER, "for you"),
+        (NOTICE_SENDER, "b and c joined"),
+    ]

@@ -130,3 +130,14 @@ def test_os_reason_is_the_error_in_lower_case() -> None:
     assert os_reason(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x")) == (
         "no such file or directory"
     )
+
+
+def test_a_list_of_names_shows_the_first_and_counts_the_others() -> None:
+    assert notices.names_and_others(["a"], 2) == "a"
+    assert notices.names_and_others(["a", "b"], 2) == "a and b"
+    assert notices.names_and_others(["a", "b", "c"], 2) == "a, b and c"  # never "1 others"
+    assert notices.names_and_others(["a", "b", "c", "d"], 2) == "a, b and 2 others"
+    text = notices.JOINED_MANY(names=notices.names_and_others(["a", "b", "c", "d"], 2))
+    assert text == "a, b and 2 others joined"
+    assert notices.recognize(text) is notices.JOINED_MANY
+    assert notices.recognize("a joined") is notices.JOINED  # one join: its own notice

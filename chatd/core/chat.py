@@ -39,6 +39,10 @@ from chatd.wire.tokenbucket import TokenBucket
 __all__ = ["GONE", "HANDSHAKE", "JOINED", "Chat", "Host", "Member", "Settings"]
 
 NOTICE_INTERVAL = 0.025  # seconds: notices alone are broadcast at most this often
+# ... and after a flush that took long (a large room), they wait this many times as
+# long as it took: fanning out notices takes at most a fifth of the loop.
+NOTICE_SHARE = 4
+NOTICE_INTERVAL_MAX = 0.25  # seconds: the longest a notice alone waits
 
 
 class Member(Protocol):
@@ -271,7 +275,7 @@ class Chat:
         if self.backplane is not None and self.backplane.live:
             self.backplane.emit({"t": "join", "n": name, "peer": m.peer, "since": m.since})
         else:
-            room.notice(notices.JOINED(name=name), exclude=m)
+            room.notice(notices.JOINED(name=name), exclude=m, run=(notices.JOINED_MANY, "", name))
 
     def bad_name_frame(self, m: Member, problem: str) -> None:
         """The name frame broke the framing (too long, not UTF-8): refuse the name."""
@@ -352,9 +356,11 @@ class Chat:
         """Hand out what this pass posted; hold back notices that come too often.
 
         Join and leave notices go out at once, unless the last broadcast was less
-        than NOTICE_INTERVAL ago: then they wait for it (a join storm costs one send
-        per member per interval, not per pass) while each newcomer's welcome goes
-        at once.  Members' messages never wait.
+        than NOTICE_INTERVAL ago, or NOTICE_SHARE times as long as it took when that
+        is longer (at most NOTICE_INTERVAL_MAX): then they wait for it (a join storm
+        costs one send per member per interval, not per pass, and no more than a
+        fifth of the loop) while each newcomer's welcome goes at once.  Members'
+        messages never wait.
         """
         room = self.room
         if not room.pending:
@@ -367,7 +373,9 @@ class Chat:
         room.flush()
         self.holding = False
         # From the end of this flush, which to a large room takes a while.
-        self._notices_due = self.host.now() + NOTICE_INTERVAL
+        end = self.host.now()
+        wait = min(max(NOTICE_INTERVAL, NOTICE_SHARE * (end - now)), NOTICE_INTERVAL_MAX)
+        self._notices_due = end + wait
 
     def next_flush(self) -> float | None:
         """When flush() has something to do: 0 for now, a monotonic time, or None."""
@@ -468,12 +476,13 @@ class Chat:
             text = announce or notices.LEFT(name=m.name, reason=reason)
             if self.backplane is not None:
                 self.backplane.release(m, text)
-                if self.backplane.live:
-                    self.backplane.emit({"t": "leave", "n": m.name, "x": text})
-                elif not self.stopping:
-                    self.room.notice(text)
-            elif not self.stopping:
-                self.room.notice(text)
+            if self.backplane is not None and self.backplane.live:
+                self.backplane.emit({"t": "leave", "n": m.name, "x": text})
+            elif announce is not None and not self.stopping:
+                self.room.notice(announce)
+            elif not self.stopping:  # leaves in a row for one reason: one notice
+                run = (notices.LEFT_MANY, reason, m.name)
+                self.room.notice(notices.LEFT(name=m.name, reason=reason), run=run)
         else:
             self.member_log(m).debug("disconnect", reason=reason, **fields)
         self._gone(m, notice)

@@ -208,7 +208,8 @@ class Cluster:
                 self.users[key] = user
             if not again:
                 joiner = room.get(event["n"]) if mine else None
-                room.notice(notices.JOINED(name=event["n"]), exclude=joiner)
+                run = (notices.JOINED_MANY, "", event["n"])
+                room.notice(notices.JOINED(name=event["n"]), exclude=joiner, run=run)
         elif t == "leave":
             if roster and not mine:
                 key = event["n"].casefold()

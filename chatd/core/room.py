@@ -22,8 +22,14 @@ from typing import Generic, Protocol, TypeVar
 from chatd.core.names import and_more, name_keys, names_line
 from chatd.wire import framing
 from chatd.wire.chat import NOTICE_SENDER, WHO_MAX_BYTES
+from chatd.wire.notices import Notice, names_and_others
 
 NAME_FRAMES_KEPT = 20000  # encoded sender names cached, at most (cleared when full)
+NAMES_SHOWN = 2  # names in a notice of several joins or leaves: "a, b and 148 others joined"
+
+# A notice that may be one of several in a row, which reach a member as one: the
+# template of the several, its reason ("" for none) and the name (see Room.notice).
+Run = tuple[Notice, str, str]
 
 
 class Member(Protocol):
@@ -57,8 +63,9 @@ class Room(Generic[M]):
         self.header_length = header_length
         self._members: dict[str, M] = {}  # casefolded name -> member, in join order
         self._keys: dict[str, M] = {}  # name_keys() -> member: no two look alike
-        # Frames posted this pass: (data, excluded sender or None, sole recipient or None).
-        self._batch: list[tuple[bytes, M | None, M | None]] = []
+        # Frames posted this pass: (data, excluded sender or None, sole recipient or
+        # None, the Run of a join or leave notice or None).
+        self._batch: list[tuple[bytes, M | None, M | None, Run | None]] = []
         # Members who joined this pass -> the batch index they joined at: what
         # was posted before that is not for them.  flush_direct() also records
         # here how far it served a member.
@@ -188,7 +195,7 @@ class Room(Generic[M]):
 
     def post(self, sender: M, text: str, *, as_name: str | None = None) -> None:
         """Queue ``text`` from ``sender`` for every other member."""
-        self._batch.append((self.frame(as_name or sender.name, text), sender, None))
+        self._batch.append((self.frame(as_name or sender.name, text), sender, None, None))
         # equivalent: only whether _posts is 0 is read (notices_only)
         self._posts += 1  # pragma: no mutate
         self._broadcasts += 1
@@ -196,23 +203,29 @@ class Room(Generic[M]):
     def broadcast(self, sender: str, text: str, *, exclude: M | None = None) -> None:
         """Queue a member's message from ``sender`` (a name, or its action form) for every
         member but ``exclude``: a message from another node, or come back from it."""
-        self._batch.append((self.frame(sender, text), exclude, None))
+        self._batch.append((self.frame(sender, text), exclude, None, None))
         self._posts += 1  # pragma: no mutate
         self._broadcasts += 1
 
-    def notice(self, text: str, *, exclude: M | None = None) -> None:
-        """Queue a server notice for every member (but ``exclude``)."""
-        self._batch.append((self.frame(NOTICE_SENDER, text), exclude, None))
+    def notice(self, text: str, *, exclude: M | None = None, run: Run | None = None) -> None:
+        """Queue a server notice for every member (but ``exclude``).
+
+        With ``run`` (many, reason, name), notices that follow one another with the
+        same ``many`` and reason reach a member as one, ``many(names=..., reason=...)``:
+        "alice, bob and 148 others joined" (a member's own join is left out of its
+        list); one alone stays ``text``.
+        """
+        self._batch.append((self.frame(NOTICE_SENDER, text), exclude, None, run))
         self._broadcasts += 1
 
     def send_to(self, member: M, sender: str, text: str) -> None:
         """Queue a frame pair for one member, in order with the broadcasts."""
-        self._batch.append((self.frame(sender, text), None, member))
+        self._batch.append((self.frame(sender, text), None, member, None))
 
     def send_frames(self, member: M, data: bytes) -> None:
         """Queue frame pairs already encoded (a replay) for one member, as send_to()."""
         if data:
-            self._batch.append((data, None, member))
+            self._batch.append((data, None, member, None))
 
     def flush(self) -> None:
         """Deliver everything posted since the last flush, once per member."""
@@ -225,7 +238,7 @@ class Room(Generic[M]):
         if fresh:
             self._fresh = {}
         if len(batch) == 1 and not fresh:
-            data, exclude, only = batch[0]
+            data, exclude, only, _ = batch[0]
             if only is not None:
                 if only in self:
                     self.deliveries += 1
@@ -244,10 +257,12 @@ class Room(Generic[M]):
         # shared join of the broadcasts.
         named: dict[int, int] = {}  # id(member) -> the last index naming it
         broadcasts: list[bytes] = []
+        runs: list[Run | None] = []  # of each broadcast
         at: list[int] = []  # the batch index of each broadcast
-        for i, (data, ex, only) in enumerate(batch):
+        for i, (data, ex, only, run) in enumerate(batch):
             if only is None:
                 broadcasts.append(data)
+                runs.append(run)
                 at.append(i)
                 if ex is not None:
                     named[id(ex)] = i
@@ -255,7 +270,7 @@ class Room(Generic[M]):
                 named[id(only)] = i
         special = dict.fromkeys(named, 0)
         special.update(fresh)
-        shared = b"".join(broadcasts)
+        shared = b"".join(self._coalesced(zip(broadcasts, runs, strict=True)))
         tails: dict[int, bytes] = {}  # first broadcast -> the join from it on
         members: Iterable[M] = self._members.values()
         if fresh:
@@ -277,14 +292,15 @@ class Room(Generic[M]):
                     if k < len(at):
                         tail = tails.get(k)
                         if tail is None:
-                            tail = tails[k] = b"".join(broadcasts[k:])
+                            pairs = zip(broadcasts[k:], runs[k:], strict=True)
+                            tail = tails[k] = b"".join(self._coalesced(pairs))
                         self.deliveries += len(at) - k
                         m.deliver(tail)
                 else:
                     mine = list(_select(batch, m, start))
                     if mine:
                         self.deliveries += len(mine)
-                        m.deliver(b"".join(mine))
+                        m.deliver(b"".join(self._coalesced(mine)))
             except Exception as e:
                 self.failures.append((m, e))
 
@@ -315,7 +331,7 @@ class Room(Generic[M]):
         # equivalent as None: islice() reads it as 0, and a scan from 0 finds the frames
         # already served behind fresh[] again; it only keeps the next scan short
         self._direct_from = len(batch)  # pragma: no mutate
-        for _, _, only in scan:
+        for _, _, only, _ in scan:
             if only is None or id(only) in seen:
                 continue
             seen.add(id(only))
@@ -325,7 +341,7 @@ class Room(Generic[M]):
             mine: list[bytes] = []
             end = len(batch)
             for i in range(start, len(batch)):
-                d, exclude, to = batch[i]
+                d, exclude, to, _ = batch[i]
                 if to is only:
                     mine.append(d)
                 elif to is None and exclude is not only:
@@ -338,8 +354,39 @@ class Room(Generic[M]):
             self.deliveries += len(mine)
             self._deliver(m, b"".join(mine))
 
+    def _coalesced(self, frames: Iterable[tuple[bytes, Run | None]]) -> list[bytes]:
+        """``frames`` with each row of notices of the same run made one (see notice())."""
+        out: list[bytes] = []
+        row: list[Run] = []  # the run being gathered
+        first = b""  # its first notice, as it would go alone
+        for data, run in frames:
+            if row and run is not None and run[:2] == row[0][:2]:
+                row.append(run)
+                continue
+            if row:
+                out.append(self._run_frame(row, first))
+                row = []
+            if run is None:
+                out.append(data)
+            else:
+                row, first = [run], data
+        if row:
+            out.append(self._run_frame(row, first))
+        return out
 
-def _select(batch: list[tuple[bytes, M | None, M | None]], m: M, start: int) -> Iterator[bytes]:
-    for data, exclude, only in itertools.islice(batch, start, None):
-        if (only is None and exclude is not m) or only is m:
-            yield data
+    def _run_frame(self, row: list[Run], first: bytes) -> bytes:
+        if len(row) == 1:
+            return first  # byte for byte the notice of one join or leave
+        many, reason, _ = row[0]
+        names = names_and_others([name for _, _, name in row], NAMES_SHOWN)
+        return self.frame(NOTICE_SENDER, many(names=names, reason=reason))
+
+
+def _select(
+    batch: list[tuple[bytes, M | None, M | None, Run | None]], m: M, start: int
+) -> Iterator[tuple[bytes, Run | None]]:
+    for data, exclude, only, run in itertools.islice(batch, start, None):
+        if only is None and exclude is not m:
+            yield data, run
+        elif only is m:
+            yield data, None

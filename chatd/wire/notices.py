@@ -90,6 +90,10 @@ HANDSHAKE_TIMEOUT = _notice(
 # The room.  ``reason`` of a kick or ban: " (REASON)" or "".
 JOINED = _notice("joined", "{name} joined")
 LEFT = _notice("left", "{name} left ({reason})")
+# Several of those in a row, as one notice (a join storm): ``names`` is a list in
+# join order, "alice, bob and carol" or "alice, bob and 148 others" (`names_and_others`).
+JOINED_MANY = _notice("joined_many", "{names} joined")
+LEFT_MANY = _notice("left_many", "{names} left ({reason})")
 USER_KICKED = _notice("user_kicked", "{name} was kicked{reason}")
 USER_BANNED = _notice("user_banned", "{name} was banned{reason}")
 WHO = _notice("who", "online ({count}): {names}")
@@ -172,6 +176,14 @@ def recognize(text: str) -> Notice | None:
         if notice._pattern.fullmatch(text):
             return notice
     return None
+
+
+def names_and_others(names: list[str], shown: int) -> str:
+    """ "alice, bob and carol", or with more than ``shown`` names "alice, bob and 148
+    others" (never "and 1 others": then the last name is shown too)."""
+    if len(names) <= shown + 1:
+        return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else "".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} others"
 
 
 def parenthesized(reason: str) -> str:
