@@ -179,6 +179,10 @@ def test_admin_list_kick_say_stats_and_nodes_across_nodes(node: Callable[..., Da
         time.sleep(0.1)
     r = b.ctl("nodes")
     assert r.returncode == 0 and "b *" in r.stdout, r
+    metrics = b.result("metrics")["text"].splitlines()
+    for line in ("chatd_cluster_link_up 1.0", "chatd_cluster_nodes 2.0", "chatd_cluster_users 1.0"):
+        assert line in metrics, line
+    assert "chatd_cluster_replay_waiting 0.0" in metrics
 
 
 def test_bans_reach_every_node_and_stay_in_redis(node: Callable[..., Daemon]) -> None:

@@ -84,6 +84,7 @@ class Metrics:
         self.providers: dict[str, Provider] = {
             "chat": self._chat,
             "history": self._history,
+            "cluster": self._cluster,
             "loop": self._loop,
             "process": self._process,
         }
@@ -255,6 +256,23 @@ class Metrics:
             "chatd_history_write_lag_seconds",
             "how long the oldest message not yet in the file has waited",
             h["write_lag"],
+        )
+
+    def _cluster(self) -> Iterator[Metric]:
+        """With cluster.redis: the link and the cluster as this node sees it."""
+        backplane = self.server.chat.backplane
+        if backplane is None:
+            return
+        status = backplane.status()
+        yield _gauge(
+            "chatd_cluster_link_up", "1 while the link to Redis is up", status["link"] == "up"
+        )
+        yield _gauge("chatd_cluster_nodes", "live nodes, this one included", status["nodes"])
+        yield _gauge("chatd_cluster_users", "users on every node", status["users"])
+        yield _gauge(
+            "chatd_cluster_replay_waiting",
+            "messages said here while the link was down, not yet in Redis",
+            status["replay_waiting"],
         )
 
     def _loop(self) -> Iterator[Metric]:
