@@ -522,6 +522,13 @@ def test_status_says_when_the_link_is_down(
         )
         stats = d.result("stats")["cluster"]
         assert stats["link"] == "down" and stats["error"]
+        alice.send("/msg bob are you there?")  # bob may be on a node cut off from here
+        until(
+            alice,
+            NOTICE,
+            "message not sent: nobody called 'bob' is on this server, and the link to the "
+            "other servers is down",
+        )
         redis_server.start()
         d.wait_for("cluster_link_up", timeout=15, users=1)
         status("1 user online, 1 connection")

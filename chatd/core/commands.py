@@ -38,7 +38,9 @@ def run(hub: Chat, m: Member, text: str) -> None:
         if target is None and remote is not None and hub.cluster is not None and hub.live:
             hub.cluster.emit_message(m, command.text, "private", remote.name)
         elif target is None:
-            room.send_to(m, NOTICE_SENDER, notices.NOBODY_CALLED(name=command.to))
+            cut_off = hub.cluster is not None and not hub.live  # they may be elsewhere
+            nobody = notices.NOBODY_CALLED_HERE if cut_off else notices.NOBODY_CALLED
+            room.send_to(m, NOTICE_SENDER, nobody(name=command.to))
         elif target is m:
             room.send_to(m, NOTICE_SENDER, notices.TO_YOURSELF(name=command.to))
         else:

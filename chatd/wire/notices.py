@@ -107,6 +107,11 @@ HISTORY_OFF = _notice("history_off", "no history is kept on this server")
 
 # Answers to what a user sent.
 NOBODY_CALLED = _notice("nobody_called", "message not sent: nobody called {name!r} is online")
+NOBODY_CALLED_HERE = _notice(
+    "nobody_called_here",
+    "message not sent: nobody called {name!r} is on this server, and the link to the "
+    "other servers is down",
+)
 TO_YOURSELF = _notice("to_yourself", "message not sent: {name!r} is you")
 NOT_SENT = _notice("not_sent", "message not sent: {problem}")
 SLOW_DOWN = _notice(
