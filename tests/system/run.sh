@@ -40,8 +40,10 @@ rm -rf "$STAGE"
 mkdir -p "$STAGE/wheels" "$STAGE/src"
 "$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
     >"$STAGE/requirements.txt"
+# async-timeout: redis-py needs it on a Python before 3.11.3, as the box's Debian 12
+# has (3.11.2), which the host's newer Python does not pull in.
 (cd "$ROOT" && "$PYTHON" -m pip wheel --quiet --disable-pip-version-check \
-    -w "$STAGE/wheels" -r "$STAGE/requirements.txt")
+    -w "$STAGE/wheels" -r "$STAGE/requirements.txt" "async-timeout>=4.0.3")
 ls "$STAGE/wheels"
 # The source tree as git sees it (tracked and new files, nothing ignored).
 (cd "$ROOT" && git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -C "$STAGE/src" -xf -)
