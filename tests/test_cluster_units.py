@@ -282,3 +282,39 @@ def test_missed_notices() -> None:
     assert got[0].startswith("you may have missed 12 messages")
     assert got[1].startswith("the shared history was lost")
     assert NOTICE_SENDER == "chatd"
+
+
+def test_past_the_outbox_an_outage_s_messages_are_not_kept_and_that_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off from Redis, a node keeps what its users say for the others, up to
+    OUTBOX_MAX; past it the rest reaches this node alone, logged once, and counted
+    in the cluster_link_up event of the link's return."""
+    from structlog.testing import capture_logs
+
+    from chatd.server import cluster as link_module
+    from chatd.server.server import Server
+
+    monkeypatch.setattr(link_module, "OUTBOX_MAX", 2)
+    cfg = config.build(
+        {
+            "listen": ["127.0.0.1:0"],
+            "control": {"socket": ""},
+            "state_file": str(tmp_path / "state.json"),
+            "cluster": {"redis": "redis://127.0.0.1:9/0", "node": "a"},
+        },
+        "<test>",
+    )
+    server = Server(cfg)
+    try:
+        link = server.link
+        assert link is not None and not link.live  # never opened: the link is down
+        with capture_logs() as logs:
+            for i in range(5):
+                link.emit({"t": "m", "n": "alice", "x": f"m{i}"})
+        assert [e["x"] for e in link.outbox] == ["m0", "m1"]
+        full = [e for e in logs if e["event"] == "cluster_outbox_full"]
+        assert [(e["kept"], e["kind"]) for e in full] == [(2, "m")]
+        assert link.outbox_dropped == 3
+    finally:
+        server.close_all()

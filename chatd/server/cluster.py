@@ -76,6 +76,7 @@ class Link:
         self.nodes: list[dict[str, Any]] = []
         self.nodes_at = 0.0
         self.told_down = False
+        self.outbox_dropped = 0  # events past OUTBOX_MAX this outage, not kept for the others
         self.ups = self.downs = 0
         self.pending_releases: list[tuple[Any, ...]] = []
         self.rejoin: set[int] = set()  # claims of our users after the link came back
@@ -168,6 +169,10 @@ class Link:
         elif len(self.outbox) < OUTBOX_MAX:
             event["replay"] = True
             self.outbox.append(event)
+        else:  # delivered here, never to reach the others: said once an outage
+            if not self.outbox_dropped:
+                self.log.warning("cluster_outbox_full", kept=OUTBOX_MAX, kind=event["t"])
+            self.outbox_dropped += 1
 
     def claim(self, m: Member, name: str) -> None:
         cid = next(self._cids)
@@ -319,7 +324,7 @@ class Link:
         cluster.snapshot(
             RemoteUser(u["name"], u["node"], u.get("peer", ""), u.get("since", 0.0)) for u in users
         )
-        self._merge_bans(bans)
+        _merge_bans(self, bans)
         self.state = "joining"
         self.ups += 1
         self.error = None
@@ -329,7 +334,9 @@ class Link:
             users=len(chat.room),
             others=len(cluster.users),
             replay=len(self.outbox),
+            not_kept=self.outbox_dropped,
         )
+        self.outbox_dropped = 0
         # Our users, claimed anew (answers in _claimed); then what they did meanwhile.
         self.registered.clear()
         self.rejoin = set()
@@ -357,31 +364,6 @@ class Link:
             if id(m) not in self.registered and not any(c[0] is m for c in self.claims.values()):
                 self.claim(m, m.name)
         self.server.users_changed()
-
-    def _merge_bans(self, bans: list[str]) -> None:
-        chat = self.chat
-        theirs = {}
-        for text in bans:
-            with contextlib.suppress(ValueError, TypeError, KeyError):
-                ban = Ban(**json.loads(text))
-                theirs[ban.key] = ban
-        changed = False
-        for key, ban in theirs.items():
-            current = chat.bans._by_key.get(key)
-            if current is None or current.created < ban.created:
-                chat.bans.add(ban)
-                chat.moderation.watch_expiry(ban)
-                chat.moderation.enforce(ban)
-                changed = True
-        now = chat.host.wall()
-        mine = [
-            (b.key, json.dumps(b.to_json())) for b in chat.bans.active(now) if b.key not in theirs
-        ]
-        if mine:
-            self.ops.append(("bans_merge", mine))
-        if changed:
-            assert chat.cluster is not None
-            chat.cluster._save()
 
     def _down(self, error: str | None, unsent: list[tuple[Any, ...]]) -> None:
         was = self.state
@@ -455,3 +437,29 @@ class Link:
             "started": chat.stats.started,
             "link": self.state,
         }
+
+
+def _merge_bans(link: Link, bans: list[str]) -> None:
+    """The bans in Redis and ours, when the link comes up: the newer of each wins
+    here, and ours that Redis lacks go there."""
+    chat = link.chat
+    theirs = {}
+    for text in bans:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            ban = Ban(**json.loads(text))
+            theirs[ban.key] = ban
+    changed = False
+    for key, ban in theirs.items():
+        current = chat.bans._by_key.get(key)
+        if current is None or current.created < ban.created:
+            chat.bans.add(ban)
+            chat.moderation.watch_expiry(ban)
+            chat.moderation.enforce(ban)
+            changed = True
+    now = chat.host.wall()
+    mine = [(b.key, json.dumps(b.to_json())) for b in chat.bans.active(now) if b.key not in theirs]
+    if mine:
+        link.ops.append(("bans_merge", mine))
+    if changed:
+        assert chat.cluster is not None
+        chat.cluster._save()
