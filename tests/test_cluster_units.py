@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakes import NOTICE_SENDER, Room
@@ -318,3 +319,113 @@ def test_past_the_outbox_an_outage_s_messages_are_not_kept_and_that_is_logged(
         assert link.outbox_dropped == 3
     finally:
         server.close_all()
+
+
+# Cluster.apply, event by event (mutation testing: each branch and field checked).
+
+
+def two_here() -> tuple[ClusterRoom, Cluster, Any, Any]:
+    r = ClusterRoom()
+    alice, bob = r.join("alice"), r.join("bob")
+    alice.take(), bob.take()  # type: ignore[attr-defined]
+    assert r.chat.cluster is not None
+    return r, r.chat.cluster, alice, bob
+
+
+def test_messages_from_the_log_here_and_from_elsewhere() -> None:
+    r, cluster, alice, bob = two_here()
+    r.chat.history.ring.clear()
+    cluster.apply({"t": "m", "n": "carol", "x": "from b", "node": "b", "mid": "b:1"})
+    cluster.apply({"t": "m", "n": "carol", "x": "waves", "k": "action", "node": "b"})
+    cluster.apply({"t": "m", "n": "alice", "x": "mine", "node": "a", "mid": "a:7"})
+    cluster.apply({"t": "m", "n": "alice", "x": "old", "node": "a", "replay": True})
+    # Another node's message marked as a replay is news here.
+    cluster.apply({"t": "m", "n": "carol", "x": "late", "node": "b", "replay": True})
+    r.flush()
+    assert bob.take() == [  # type: ignore[attr-defined]
+        ("carol", "from b"),
+        ("* carol", "waves"),
+        ("alice", "mine"),
+        ("carol", "late"),
+    ]
+    assert alice.take() == [  # type: ignore[attr-defined]
+        ("carol", "from b"),
+        ("* carol", "waves"),
+        ("carol", "late"),
+    ]  # never her own
+    # The room's history, on every node: messages, not actions or replays of ours.
+    assert [(n, x) for _, _, n, x in r.chat.history.ring] == [
+        ("carol", "from b"),
+        ("alice", "mine"),
+        ("carol", "late"),
+    ]
+
+
+def test_private_messages_from_the_log() -> None:
+    r, cluster, alice, bob = two_here()
+    cluster.apply({"t": "p", "n": "carol", "to": "bob", "x": "psst", "node": "b"})
+    cluster.apply({"t": "p", "n": "alice", "to": "carol", "x": "hey", "node": "a"})
+    cluster.apply({"t": "p", "n": "alice", "to": "bob", "x": "yo", "node": "a"})
+    cluster.apply({"t": "p", "n": "carol", "to": "nobody", "x": "lost", "node": "b"})
+    cluster.delivered.add("a:3")
+    cluster.apply({"t": "p", "n": "alice", "to": "bob", "x": "twice", "node": "a", "mid": "a:3"})
+    r.flush()
+    assert bob.take() == [("carol (private)", "psst"), ("alice (private)", "yo")]  # type: ignore[attr-defined]
+    assert alice.take() == [  # type: ignore[attr-defined]
+        ("alice -> carol (private)", "hey"),
+        ("alice -> bob (private)", "yo"),
+    ]
+    assert cluster.delivered == set()
+
+
+def test_notices_joins_and_leaves_from_the_log() -> None:
+    r, cluster, alice, bob = two_here()
+    cluster.apply({"t": "s", "x": "maintenance", "node": "b", "ex": "alice"})
+    cluster.apply({"t": "s", "x": "to all but bob", "node": "a", "ex": "bob"})
+    r.flush()
+    # "ex" counts only for a notice of this node's ("to all but bob" is not for bob).
+    assert alice.notices() == ["maintenance", "to all but bob"]  # type: ignore[attr-defined]
+    assert bob.notices() == ["maintenance"]  # type: ignore[attr-defined]
+    join = {"t": "join", "n": "Carol", "node": "b", "peer": "10.0.0.9:5", "since": 3.0}
+    cluster.apply(join)
+    assert cluster.users == {"carol": RemoteUser("Carol", "b", "10.0.0.9:5", 3.0)}
+    cluster.apply({"t": "join", "n": "dave", "node": "c", "since": 4.0}, roster=False)
+    assert "dave" not in cluster.users  # in the snapshot already, if at all
+    r.flush()
+    assert bob.notices()[1:] == ["Carol and dave joined"]  # type: ignore[attr-defined]
+    # A leave of another node's user only takes it off if that node had it.
+    cluster.apply({"t": "leave", "n": "carol", "node": "c", "x": "carol left (quit)"})
+    assert "carol" in cluster.users
+    cluster.apply({"t": "leave", "n": "CAROL", "node": "b", "x": "Carol left (quit)"})
+    assert cluster.users == {}
+    cluster.apply({"t": "leave", "n": "alice", "node": "a", "x": "alice left (x)", "replay": True})
+    r.flush()
+    assert bob.notices()[2:] == ["carol left (quit)", "Carol left (quit)"]  # type: ignore[attr-defined]
+
+
+def test_a_kick_for_another_node_or_nobody_does_nothing_here() -> None:
+    r, cluster, alice, bob = two_here()
+    cluster.apply({"t": "kick", "n": "bob", "on": "b", "why": "spam", "by": 0, "node": "b"})
+    cluster.apply({"t": "kick", "n": "nobody", "on": "a", "why": "x", "by": 0, "node": "b"})
+    assert bob.closed is None and alice.closed is None  # type: ignore[attr-defined]
+    cluster.apply({"t": "kick", "n": "bob", "on": "a", "node": "b"})
+    assert bob.closed is not None  # type: ignore[attr-defined]
+    assert r.chat.stats.kicks == 1
+
+
+def test_our_own_ban_events_are_not_applied_twice() -> None:
+    r, cluster, _, bob = two_here()
+    saved: list[int] = []
+    r.host.save_bans = lambda bans: saved.append(len(bans))  # type: ignore[method-assign]
+    ban = Ban("name", "bob", "spam", 1.0, None, 0)
+    cluster.apply({"t": "ban", "ban": ban.to_json(), "node": "a"})
+    assert r.chat.bans.match_name("bob", 2.0) is None and saved == []
+    cluster.apply({"t": "ban", "ban": ban.to_json(), "node": "b"})
+    assert r.chat.bans.match_name("bob", 2.0) is not None and saved == [1]
+    assert bob.closed is not None  # type: ignore[attr-defined]  # enforced at once
+    cluster.apply({"t": "unban", "kind": "name", "target": "bob", "node": "a"})
+    assert r.chat.bans.match_name("bob", 2.0) is not None
+    cluster.apply({"t": "unban", "kind": "name", "target": "nobody", "node": "b"})
+    assert saved == [1]
+    cluster.apply({"t": "unban", "kind": "name", "target": "bob", "node": "b"})
+    assert r.chat.bans.match_name("bob", 2.0) is None and saved == [1, 0]
