@@ -429,3 +429,53 @@ def test_our_own_ban_events_are_not_applied_twice() -> None:
     assert saved == [1]
     cluster.apply({"t": "unban", "kind": "name", "target": "bob", "node": "b"})
     assert r.chat.bans.match_name("bob", 2.0) is None and saved == [1, 0]
+
+
+def test_what_a_user_says_goes_to_the_log_counted_and_logged() -> None:
+    from structlog.testing import capture_logs
+
+    r, cluster, alice, bob = two_here()
+    with capture_logs() as logs:
+        r.say(alice, "hi")  # type: ignore[arg-type]
+        r.say(alice, "/me waves")  # type: ignore[arg-type]
+        r.say(alice, "/msg bob psst")  # type: ignore[arg-type]
+    assert [{k: e[k] for k in e if k != "node"} for e in r.bp.log] == [
+        {"t": "m", "n": "alice", "x": "hi", "k": "message"},
+        {"t": "m", "n": "alice", "x": "waves", "k": "action"},
+        {"t": "p", "n": "alice", "to": "bob", "x": "psst"},
+    ]
+    said = [(e.get("kind"), e.get("to"), e["text"]) for e in logs if e["event"] == "message"]
+    assert said == [(None, None, "hi"), ("action", None, "waves"), ("private", "bob", "psst")]
+    assert alice.messages == 3 and r.chat.stats.messages == 3  # type: ignore[attr-defined]
+    r.flush()
+    assert bob.take() == []  # type: ignore[attr-defined]  # not before the log has it
+    # With the link down: here at once (and in the history), kept for the others.
+    r.bp.live = False
+    r.chat.history.ring.clear()
+    r.say(alice, "down")  # type: ignore[arg-type]
+    r.say(alice, "/me shrugs")  # type: ignore[arg-type]
+    r.flush()
+    assert bob.take() == [("alice", "down"), ("* alice", "shrugs")]  # type: ignore[attr-defined]
+    assert [x for _, _, _, x in r.chat.history.ring] == ["down"]
+    assert [e["x"] for e in r.bp.log[3:]] == ["down", "shrugs"]
+
+
+def test_the_cluster_s_answer_to_a_claim() -> None:
+    r = ClusterRoom()
+    m = r.connect()
+    r.chat.name_received(m, "alice")
+    assert r.chat.cluster is not None
+    r.chat.cluster.claimed(m, "alice", None)
+    assert m.state == "joined" and m.name == "alice"
+    # An answer for a connection gone meanwhile gives the name back.
+    gone = r.connect()
+    r.chat.name_received(gone, "bob")
+    r.chat.drop(gone, "closed")
+    r.chat.cluster.claimed(gone, "bob", None)
+    assert r.bp.released[-1] == "bob"
+    # Taken there: the same name, or one like it.
+    taken = r.connect()
+    r.chat.name_received(taken, "carol")
+    r.chat.cluster.claimed(taken, "carol", "CAROL")
+    assert b"name rejected" in (taken.closed or b"") and b"looks like" not in (taken.closed or b"")
+    assert r.chat.stats.rejected == {"name taken": 1}
