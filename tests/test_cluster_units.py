@@ -434,7 +434,7 @@ def test_our_own_ban_events_are_not_applied_twice() -> None:
 def test_what_a_user_says_goes_to_the_log_counted_and_logged() -> None:
     from structlog.testing import capture_logs
 
-    r, cluster, alice, bob = two_here()
+    r, _, alice, bob = two_here()
     with capture_logs() as logs:
         r.say(alice, "hi")  # type: ignore[arg-type]
         r.say(alice, "/me waves")  # type: ignore[arg-type]
