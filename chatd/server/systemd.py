@@ -174,20 +174,13 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.s
     Raises ActivationError when a passed descriptor is not a listening TCP
     socket.
     """
-    env = os.environ if environ is None else environ
-    pid = env.pop("LISTEN_PID", "")
-    count = env.pop("LISTEN_FDS", "")
-    names = env.pop("LISTEN_FDNAMES", "")
-    if not pid or not count or pid != str(os.getpid()):
+    passed = passed_fds(environ)
+    if passed is None:
         return None
-    if not count.isdigit() or int(count) < 1:
-        raise ActivationError(f"LISTEN_FDS: expected a positive number, got {count!r}")
-    fdnames = names.split(":") if names else []
     socks: list[socket.socket] = []
     try:
-        for i in range(int(count)):
-            fd = SD_LISTEN_FDS_START + i
-            label = f"fd {fd}" + (f" ({fdnames[i]})" if i < len(fdnames) else "")
+        for fd, name in passed:
+            label = f"fd {fd}" + (f" ({name})" if name != "unknown" else "")
             socks.append(_adopt(fd, label))
     except ActivationError:
         for s in socks:
